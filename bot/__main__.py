@@ -1,0 +1,194 @@
+"""The `ohlora` command and the composition root: the one place that wires models, core and bots.
+
+Heavy imports (torch and the model code) happen inside the sub-commands that need them, so
+`ohlora --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from core.config import ModelProfile, Settings
+from core.engine import Engine, EngineOptions
+from core.memory import SqliteStore
+from core.worker import InferenceWorker
+
+logger = logging.getLogger("ohlora")
+
+EXIT_MISSING_MODELS = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 1
+    return int(args.handler(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models.hub import LAYOUT_HELP, configure_download_parser, run_download
+
+    parser = argparse.ArgumentParser(
+        prog="ohlora",
+        description="Oh-LoRA (오로라), a Korean-speaking virtual human, as a terminal chat and a Discord/Telegram bot.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    chat = commands.add_parser(
+        "chat",
+        help="chat with Oh-LoRA in the terminal",
+        description="Chat with Oh-LoRA in the terminal. Reads lines until end of input (works with a pipe).",
+    )
+    chat.add_argument(
+        "--profile",
+        choices=[profile.value for profile in ModelProfile],
+        help="real: the downloaded checkpoints; tiny: small offline stand-ins, no download (default: OHLORA_MODEL_PROFILE or real)",
+    )
+    chat.add_argument("--db", type=Path, help="SQLite database (default: OHLORA_DB_PATH or data/ohlora.sqlite3)")
+    chat.add_argument("--save-faces", type=Path, metavar="DIR", help="write each reply's face to DIR as a PNG")
+    chat.add_argument("--user", default="me", help="who is talking; each user has their own memories (default: me)")
+    chat.add_argument(
+        "--show-prompts", action="store_true", help='print every adapter request as {"task", "prompt"} JSON on stderr'
+    )
+    chat.add_argument("--verbose", action="store_true", help="show memory used, summary, expression and timings")
+    chat.add_argument("--seed", type=int, help="seed sampling and face choice, for reproducible sessions")
+    chat.set_defaults(handler=_chat)
+
+    bots = commands.add_parser(
+        "bot",
+        help="run the Discord and/or Telegram bot",
+        description="Run every bot whose token is set (DISCORD_TOKEN, TELEGRAM_TOKEN) in one process.",
+    )
+    bots.add_argument("--profile", choices=[profile.value for profile in ModelProfile])
+    bots.add_argument("--db", type=Path)
+    bots.set_defaults(handler=_bot)
+
+    download = commands.add_parser(
+        "download",
+        help="fetch the published checkpoints and data files",
+        description="Fetch every checkpoint of the real profile into the on-disk layout below.",
+        epilog=LAYOUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    configure_download_parser(download)
+    download.set_defaults(handler=run_download)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    if getattr(args, "profile", None):
+        overrides["model_profile"] = args.profile
+    if getattr(args, "db", None):
+        overrides["db_path"] = args.db
+    return Settings(**overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "discord.gateway", "telegram.ext"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_pending_turns=settings.queue_size,
+        turn_timeout_s=settings.turn_timeout_s,
+        memory_threshold=settings.memory_threshold,
+        parallel_samples=settings.parallel_samples,
+        rate_limit_per_minute=settings.rate_limit_per_minute,
+        default_face=settings.default_face,
+        animate=settings.animate_faces,
+    )
+
+
+def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: bool = False) -> InferenceWorker:
+    from models.layout import ModelLayout
+    from models.runtime import load_models, tiny_layout
+
+    if settings.model_profile is ModelProfile.TINY:
+        layout = tiny_layout(settings.tiny_models_dir)
+    else:
+        layout = ModelLayout(settings.models_dir)
+    loaded = load_models(
+        layout, device=settings.device, dtype=settings.dtype, seed=seed, default_face=settings.default_face
+    )
+    generator = loaded.generator
+    if show_prompts:
+        from bot.console import PromptEcho
+
+        generator = PromptEcho(generator, sys.stderr)
+    return InferenceWorker(generator, loaded.embedder, loaded.renderer)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import random
+
+    from bot.console import ConsoleOptions, run_console
+    from models.errors import ModelFilesMissing
+
+    settings = _settings(args)
+    _configure_logging("INFO" if args.verbose else "WARNING")
+    try:
+        worker = _load_worker(settings, seed=args.seed, show_prompts=args.show_prompts)
+    except ModelFilesMissing as error:
+        print(error, file=sys.stderr)
+        return EXIT_MISSING_MODELS
+
+    async def session() -> int:
+        store = await SqliteStore.open(settings.db_path)
+        worker.start()
+        try:
+            rng = random.Random(args.seed) if args.seed is not None else None
+            engine = Engine(worker, store, _engine_options(settings), rng=rng)
+            options = ConsoleOptions(user=args.user, save_faces=args.save_faces, verbose=args.verbose)
+            return await run_console(engine, options)
+        finally:
+            await worker.stop()
+            await store.close()
+
+    try:
+        return asyncio.run(session())
+    except KeyboardInterrupt:
+        return 130
+
+
+def _bot(args: argparse.Namespace) -> int:
+    from bot.service import MissingTokens, serve
+    from models.errors import ModelFilesMissing
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    if settings.discord_token is None and settings.telegram_token is None:
+        print(MissingTokens.MESSAGE, file=sys.stderr)
+        return 1
+    try:
+        worker = _load_worker(settings)
+    except ModelFilesMissing as error:
+        print(error, file=sys.stderr)
+        return EXIT_MISSING_MODELS
+
+    async def service() -> int:
+        store = await SqliteStore.open(settings.db_path)
+        worker.start()
+        try:
+            engine = Engine(worker, store, _engine_options(settings))
+            await serve(engine, store, settings)
+            return 0
+        finally:
+            await worker.stop()
+            await store.close()
+
+    return asyncio.run(service())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""What Discord, Telegram and the console share: chat gating and every user and admin command.
+
+Adapters translate platform events into a `Caller` plus arguments and send the `CommandResult`
+back; they never decide who may do what. Every admin command checks `Caller.is_admin` here, in
+one place, and a refused command changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from core.engine import Engine
+from core.memory import Store, normalize
+from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind
+
+BLOCKED_TEXT = "미안, 지금은 너랑 이야기할 수 없어. 🙏"
+NOT_ADMIN_TEXT = "이건 관리자만 쓸 수 있는 명령이에요. 🔒"
+NO_MEMORIES_TEXT = "아직 기억하고 있는 게 없어! 나한테 너에 대해 알려 줄래? 😊"
+BLOCK_NOTIFIED = "block_notified"
+
+HELP_TEXT = """안녕! 나는 오로라야 👱‍♀️ 편하게 말 걸어 줘.
+
+/memory — 내가 기억하는 너에 대한 것들
+/forget — 기억 지우기 (하나 또는 전부)
+/reset — 지금까지의 대화 요약 지우기
+/face — 지금 내 얼굴 보기
+/help — 이 도움말"""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who issued a command, where. `platform_admin` is the platform's own say (Manage Server)."""
+
+    platform: str
+    user_id: str
+    chat_id: str
+    platform_admin: bool = False
+
+    @property
+    def user_key(self) -> str:
+        return user_key(self.platform, self.user_id)
+
+    @property
+    def conversation_key(self) -> str:
+        return f"{self.platform}:{self.chat_id}:{self.user_id}"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    text: str
+    ok: bool = True
+    image: RenderedFace | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    turns_total: int
+    users_total: int
+    memories_total: int
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    pending_turns: int
+    model_profile: str
+    uptime_s: float
+
+    def describe(self) -> str:
+        def seconds(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}s"
+
+        hours, rest = divmod(int(self.uptime_s), 3600)
+        minutes, secs = divmod(rest, 60)
+        return (
+            f"turns: {self.turns_total}\n"
+            f"users: {self.users_total}\n"
+            f"memories: {self.memories_total}\n"
+            f"latency p50 / p95: {seconds(self.latency_p50_s)} / {seconds(self.latency_p95_s)}\n"
+            f"queue depth: {self.pending_turns}\n"
+            f"model profile: {self.model_profile}\n"
+            f"uptime: {hours}h {minutes:02d}m {secs:02d}s"
+        )
+
+
+def user_key(platform: str, user_id: str) -> str:
+    return f"{platform}:{user_id}"
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile; None for no data."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, round(fraction * len(ordered) + 0.5 - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+class Commands:
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        *,
+        admin_ids: frozenset[str],
+        model_profile: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._admin_ids = admin_ids
+        self._model_profile = model_profile
+        self._clock = clock
+
+    def is_admin(self, caller: Caller) -> bool:
+        return caller.platform_admin or caller.user_key in self._admin_ids
+
+    async def chat(self, message: IncomingMessage) -> Reply | None:
+        """A turn, unless the user is blocked: then one short notice, and silence after it."""
+        if await self._store.is_blocked(message.user_key):
+            if await self._store.get_setting(message.user_key, BLOCK_NOTIFIED):
+                return None
+            await self._store.set_setting(message.user_key, BLOCK_NOTIFIED, "1")
+            return Reply(text=BLOCKED_TEXT, kind=ReplyKind.NOTICE)
+        return await self._engine.reply(message)
+
+    # Everyone's commands: they only ever touch the caller's own data.
+
+    def help(self) -> CommandResult:
+        return CommandResult(HELP_TEXT)
+
+    async def memory(self, caller: Caller) -> CommandResult:
+        return await self._list_memories(caller.user_key, NO_MEMORIES_TEXT)
+
+    async def forget_preview(self, caller: Caller, key: str | None) -> CommandResult:
+        """What `forget` would delete, for the confirmation step."""
+        memories = await self._store.memories(caller.user_key)
+        chosen = [m for m in memories if key is None or normalize(m.key) == normalize(key)]
+        if not chosen:
+            return CommandResult(_no_such_memory(key), ok=False)
+        lines = "\n".join(f"• {m.text}" for m in chosen)
+        return CommandResult(f"정말 이 기억을 지울까? 지우면 되돌릴 수 없어.\n{lines}")
+
+    async def forget(self, caller: Caller, key: str | None) -> CommandResult:
+        deleted = await self._store.delete_memories(caller.user_key, key)
+        if not deleted:
+            return CommandResult(_no_such_memory(key), ok=False)
+        return CommandResult(f"기억 {deleted}개를 지웠어. 🧹")
+
+    async def reset(self, caller: Caller) -> CommandResult:
+        await self._store.clear_summaries(caller.user_key, caller.conversation_key)
+        return CommandResult("지금까지의 대화 요약을 지웠어. 처음부터 다시 이야기하자! ✨")
+
+    async def face(self, caller: Caller) -> CommandResult:
+        image = await self._engine.render_current_face(caller.platform, caller.chat_id, caller.user_key)
+        return CommandResult(f"오로라 얼굴 #{image.face} 👱‍♀️", image=image)
+
+    def faces(self) -> Sequence[int]:
+        return self._engine.faces()
+
+    # Admin commands: refused, with nothing changed, unless the caller is an admin.
+
+    async def allow_channel(self, caller: Caller, channel_id: str, allowed: bool) -> CommandResult:
+        if not self.is_admin(caller):
+            return _refused()
+        await self._store.set_channel_allowed(caller.platform, channel_id, allowed)
+        verb = "이제 이 채널에서는 멘션 없이도 대답할게요." if allowed else "이 채널에서는 멘션될 때만 대답할게요."
+        return CommandResult(verb)
+
+    async def set_face(self, caller: Caller, face: int | None) -> CommandResult:
+        if not self.is_admin(caller):
+            return _refused()
+        try:
+            await self._engine.set_face(caller.platform, caller.chat_id, face)
+        except ValueError as error:
+            return CommandResult(str(error), ok=False)
+        return CommandResult("기본 얼굴로 돌아갔어요." if face is None else f"이 대화의 얼굴을 #{face}(으)로 정했어요.")
+
+    async def memory_of(self, caller: Caller, target_key: str) -> CommandResult:
+        if not self.is_admin(caller):
+            return _refused()
+        return await self._list_memories(target_key, f"{target_key}: 저장된 기억이 없어요.")
+
+    async def clear_memory_of(self, caller: Caller, target_key: str) -> CommandResult:
+        if not self.is_admin(caller):
+            return _refused()
+        deleted = await self._store.delete_memories(target_key)
+        return CommandResult(f"{target_key}: 기억 {deleted}개를 지웠어요.")
+
+    async def block(self, caller: Caller, target_key: str, blocked: bool) -> CommandResult:
+        if not self.is_admin(caller):
+            return _refused()
+        if target_key == caller.user_key and blocked:
+            return CommandResult("자기 자신은 차단할 수 없어요.", ok=False)
+        await self._store.set_blocked(target_key, blocked)
+        if not blocked:
+            await self._store.delete_setting(target_key, BLOCK_NOTIFIED)
+        return CommandResult(f"{target_key}: {'차단했어요' if blocked else '차단을 풀었어요'}.")
+
+    async def stats(self, caller: Caller) -> CommandResult:
+        if not self.is_admin(caller):
+            return _refused()
+        return CommandResult((await self.collect_stats()).describe())
+
+    async def collect_stats(self) -> Stats:
+        stored = await self._store.stats()
+        latencies = stored.recent_latencies_s
+        return Stats(
+            turns_total=stored.turns_total,
+            users_total=stored.users_total,
+            memories_total=stored.memories_total,
+            latency_p50_s=percentile(latencies, 0.5),
+            latency_p95_s=percentile(latencies, 0.95),
+            pending_turns=self._engine.pending_turns,
+            model_profile=self._model_profile,
+            uptime_s=self._clock() - self._engine.started_at,
+        )
+
+    async def _list_memories(self, key: str, empty_text: str) -> CommandResult:
+        memories = await self._store.memories(key)
+        if not memories:
+            return CommandResult(empty_text)
+        lines = "\n".join(f"{index}. {m.text}" for index, m in enumerate(memories, start=1))
+        return CommandResult(f"기억하고 있는 것들:\n{lines}")
+
+
+def _no_such_memory(key: str | None) -> str:
+    return "지울 기억이 없어." if key is None else f"'{key}'(이)라는 기억은 없어."
+
+
+def _refused() -> CommandResult:
+    return CommandResult(NOT_ADMIN_TEXT, ok=False)

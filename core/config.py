@@ -1,0 +1,73 @@
+"""Every setting of the service, read once in the composition root and passed down.
+
+Values come from the environment and `.env` (see `.env.example`); tests build `Settings(...)`
+directly. Tokens are `SecretStr` so that a stray log line or repr never shows them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ModelProfile(str, Enum):
+    REAL = "real"
+    TINY = "tiny"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    discord_token: SecretStr | None = Field(default=None, validation_alias="DISCORD_TOKEN")
+    telegram_token: SecretStr | None = Field(default=None, validation_alias="TELEGRAM_TOKEN")
+    telegram_api_base_url: str = Field(
+        default="https://api.telegram.org/bot", validation_alias="TELEGRAM_API_BASE_URL"
+    )
+    admin_ids: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(), validation_alias="OHLORA_ADMIN_IDS"
+    )
+
+    model_profile: ModelProfile = Field(default=ModelProfile.REAL, validation_alias="OHLORA_MODEL_PROFILE")
+    db_path: Path = Field(default=Path("data/ohlora.sqlite3"), validation_alias="OHLORA_DB_PATH")
+    models_dir: Path = Field(default=Path("data/models"), validation_alias="OHLORA_MODELS_DIR")
+    tiny_models_dir: Path = Field(default=Path("data/tiny_models"), validation_alias="OHLORA_TINY_MODELS_DIR")
+    device: str = Field(default="auto", validation_alias="OHLORA_DEVICE")
+    dtype: str = Field(default="auto", validation_alias="OHLORA_DTYPE")
+    face: str = Field(default="random", validation_alias="OHLORA_FACE")
+    animate_faces: bool = Field(default=False, validation_alias="OHLORA_ANIMATE")
+
+    max_prompt_tokens: int = Field(default=48, ge=1, validation_alias="OHLORA_MAX_PROMPT_TOKENS")
+    queue_size: int = Field(default=32, ge=1, validation_alias="OHLORA_QUEUE_SIZE")
+    turn_timeout_s: float = Field(default=120.0, gt=0, validation_alias="OHLORA_TURN_TIMEOUT_S")
+    rate_limit_per_minute: int = Field(default=12, ge=0, validation_alias="OHLORA_RATE_LIMIT_PER_MINUTE")
+    memory_threshold: float = Field(default=0.95, validation_alias="OHLORA_MEMORY_THRESHOLD")
+    parallel_samples: int = Field(default=3, ge=1, le=15, validation_alias="OHLORA_PARALLEL_SAMPLES")
+    log_level: str = Field(default="INFO", validation_alias="OHLORA_LOG_LEVEL")
+
+    @field_validator("admin_ids", mode="before")
+    @classmethod
+    def _split_admin_ids(cls, value: object) -> object:
+        """`telegram:777,discord:1234` in the environment; any iterable from code."""
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("face")
+    @classmethod
+    def _check_face(cls, value: str) -> str:
+        if value != "random" and not value.isdigit():
+            raise ValueError("OHLORA_FACE must be a face number or 'random'")
+        return value
+
+    @property
+    def default_face(self) -> int | None:
+        return None if self.face == "random" else int(self.face)
+
+    def is_admin(self, platform: str, user_id: str) -> bool:
+        return f"{platform}:{user_id}" in self.admin_ids

@@ -1,0 +1,351 @@
+"""One conversation turn of Oh-LoRA v2, for many users at once.
+
+The engine knows the conversation (SPEC E.4), not platforms and not torch: models sit behind the
+`InferenceWorker`, storage behind the `Store` protocol. A turn never blocks the event loop, a
+user's turns run in order, a full house answers "busy", and a failing or slow model still gets
+the user a polite answer while everything already stored stays as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from core import prompts
+from core.expression import scores_for
+from core.memory import NewMemory, Store, TurnRecord
+from core.ratelimit import RateLimiter
+from core.retrieval import best_memory
+from core.safety import NOTICES, validate_user_text
+from core.types import (
+    IDLE_SCORES,
+    Expression,
+    ExpressionScores,
+    FaceRequest,
+    Generation,
+    GenerationRequest,
+    IncomingMessage,
+    RenderedFace,
+    Reply,
+    ReplyKind,
+    Task,
+)
+from core.worker import InferenceWorker
+
+logger = logging.getLogger(__name__)
+
+BUSY_TEXT = "앗, 지금 이야기하는 사람이 너무 많아서 정신이 없어! 😵 잠깐 뒤에 다시 말 걸어 줄래?"
+TIMEOUT_TEXT = "미안, 생각이 너무 길어졌어 😢 다시 한 번 말해 줄래?"
+ERROR_TEXT = "어라, 나 지금 머리가 잠깐 하얘졌어 😢 조금 있다가 다시 말해 줄래?"
+RATE_LIMIT_TEXT = "말이 너무 빨라! 😳 나 따라가기 힘들어, 조금만 천천히 보내 줄래?"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_prompt_tokens: int = 48
+    max_pending_turns: int = 32
+    turn_timeout_s: float = 120.0
+    memory_threshold: float = 0.95
+    parallel_samples: int = 3
+    """Retry candidates drawn per batched call; the SPEC's attempt counts stay the limit."""
+    rate_limit_per_minute: int = 0
+    default_face: int | None = None
+    animate: bool = False
+
+
+@dataclass
+class _TaskRun:
+    """The attempts of one task within a turn (SPEC E.3.3: each task has its own trial budget)."""
+
+    task: Task
+    prompt: str
+    clean: Callable[[Generation, int], object | None]
+    attempts_left: int
+    trials: int = 0
+    result: object | None = None
+    done: bool = False
+
+
+@dataclass
+class _Timer:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+class Engine:
+    def __init__(
+        self,
+        worker: InferenceWorker,
+        store: Store,
+        options: EngineOptions = EngineOptions(),
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._worker = worker
+        self._store = store
+        self._options = options
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._rate_limiter = RateLimiter(options.rate_limit_per_minute)
+        self._user_locks: dict[str, asyncio.Lock] = {}
+        self._pending = 0
+        self.started_at = clock()
+
+    @property
+    def pending_turns(self) -> int:
+        """Turns admitted and not yet answered: the queue depth admins see in stats."""
+        return self._pending
+
+    def faces(self) -> Sequence[int]:
+        return self._worker.renderer.faces()
+
+    async def reply(self, message: IncomingMessage) -> Reply:
+        """Answer one message; every outcome is a Reply, never an exception."""
+        if not self._rate_limiter.allow(message.user_key):
+            return Reply(text=RATE_LIMIT_TEXT, kind=ReplyKind.NOTICE)
+        if self._pending >= self._options.max_pending_turns:
+            return Reply(text=BUSY_TEXT, kind=ReplyKind.BUSY)
+        self._pending += 1
+        try:
+            async with self._lock_for(message.user_key):
+                return await self._guarded_turn(message)
+        finally:
+            self._pending -= 1
+
+    async def render_current_face(self, platform: str, chat_id: str, user_key: str) -> RenderedFace:
+        """The face as the user last saw it, for `/face`."""
+        face = await self._face_for_chat(platform, chat_id)
+        scores = await self._store.last_scores(user_key) or IDLE_SCORES
+        return await self._worker.render(FaceRequest(face=face, scores=scores))
+
+    def _lock_for(self, user_key: str) -> asyncio.Lock:
+        lock = self._user_locks.get(user_key)
+        if lock is None:
+            lock = self._user_locks[user_key] = asyncio.Lock()
+        return lock
+
+    async def _guarded_turn(self, message: IncomingMessage) -> Reply:
+        timer = _Timer()
+        try:
+            return await asyncio.wait_for(self._turn(message, timer), self._options.turn_timeout_s)
+        except TimeoutError:
+            logger.warning("turn of %s passed the %.0f s deadline", message.user_key, self._options.turn_timeout_s)
+            await self._log_failed_turn(message, "timeout", timer)
+            return Reply(text=TIMEOUT_TEXT, kind=ReplyKind.ERROR, timings=timer.timings)
+        except Exception:
+            logger.exception("turn of %s failed", message.user_key)
+            await self._log_failed_turn(message, "error", timer)
+            return Reply(text=ERROR_TEXT, kind=ReplyKind.ERROR, timings=timer.timings)
+        finally:
+            self._forget_idle_lock(message.user_key)
+
+    def _forget_idle_lock(self, user_key: str) -> None:
+        lock = self._user_locks.get(user_key)
+        if lock is not None and not lock.locked() and not getattr(lock, "_waiters", None):
+            del self._user_locks[user_key]
+
+    async def _turn(self, message: IncomingMessage, timer: _Timer) -> Reply:
+        with timer.stage("validate"):
+            check = await self._worker.call(
+                lambda: validate_user_text(
+                    message.text, self._worker.generator.count_tokens, self._options.max_prompt_tokens
+                )
+            )
+        if check.problem is not None:
+            return Reply(text=NOTICES[check.problem], kind=ReplyKind.NOTICE, timings=timer.timings)
+        user_text = check.text
+
+        with timer.stage("retrieve"):
+            memory = await self._retrieve(message.user_key, user_text)
+            summary = await self._store.summary(message.conversation_key)
+        final_input = prompts.compose_final_input(user_text, memory, summary)
+
+        with timer.stage("answer"):
+            answer_run, memory_run = await self._run_tasks(
+                [self._task_run(Task.OUTPUT_MESSAGE, final_input), self._task_run(Task.MEMORY, final_input)]
+            )
+        answer = answer_run.result if answer_run.done else prompts.FALLBACKS[Task.OUTPUT_MESSAGE]
+        assert isinstance(answer, str)
+
+        with timer.stage("reflect"):
+            summary_run, expression_run = await self._run_tasks(
+                [
+                    self._task_run(Task.SUMMARY, final_input, answer),
+                    self._task_run(Task.EYES_MOUTH_POSE, final_input, answer),
+                ]
+            )
+        new_summary = summary_run.result if summary_run.done else prompts.FALLBACKS[Task.SUMMARY]
+        expression = (
+            expression_run.result if expression_run.done else prompts.FALLBACKS[Task.EYES_MOUTH_POSE]
+        )
+        assert isinstance(new_summary, str) and isinstance(expression, Expression)
+        scores = scores_for(expression, self._rng)
+
+        new_memory = None
+        if memory_run.done and memory_run.result.item is not None:  # type: ignore[attr-defined]
+            item = memory_run.result.item  # type: ignore[attr-defined]
+            with timer.stage("embed"):
+                embedding = (await self._worker.encode([item.text]))[0]
+            new_memory = NewMemory(key=item.key, value=item.value, text=item.text, embedding=embedding)
+
+        with timer.stage("render"):
+            image = await self._render(message, scores)
+
+        timings = {**timer.timings, "total": sum(timer.timings.values())}
+        record = TurnRecord(
+            platform=message.platform,
+            user_key=message.user_key,
+            conversation_key=message.conversation_key,
+            prompt=user_text,
+            final_input=final_input,
+            answer=answer,
+            status="ok",
+            used_memory=memory,
+            expression=expression,
+            scores=scores,
+            summary=new_summary,
+            timings=timings,
+            created_at=self._clock(),
+        )
+        # Shielded: a deadline or shutdown that lands now must not cut the transaction in half.
+        await asyncio.shield(self._store.commit_turn(record, new_memory))
+        return Reply(
+            text=answer.strip() or answer,
+            kind=ReplyKind.ANSWER,
+            image=image,
+            expression=expression,
+            scores=scores,
+            used_memory=memory,
+            summary=new_summary,
+            timings=timings,
+        )
+
+    async def _retrieve(self, user_key: str, user_text: str) -> str | None:
+        """Only this user's memories are ever candidates; an empty store costs no encoder call."""
+        memories = await self._store.memories(user_key)
+        if not memories:
+            return None
+        query = (await self._worker.encode([user_text]))[0]
+        match = best_memory(
+            query,
+            [memory.text for memory in memories],
+            [memory.embedding for memory in memories],
+            self._options.memory_threshold,
+        )
+        return match.text if match else None
+
+    def _task_run(self, task: Task, final_input: str, answer: str | None = None) -> _TaskRun:
+        settings = prompts.TASK_SETTINGS[task]
+        clean: Callable[[Generation, int], object | None]
+        if task is Task.OUTPUT_MESSAGE:
+            clean = prompts.clean_output_message
+        elif task is Task.MEMORY:
+            clean = lambda generation, _: prompts.clean_memory(generation, settings.max_new_tokens)  # noqa: E731
+        elif task is Task.SUMMARY:
+            clean = lambda generation, _: prompts.clean_summary(generation, settings.max_new_tokens)  # noqa: E731
+        else:
+            clean = lambda generation, _: prompts.parse_eyes_mouth_pose(generation)  # noqa: E731
+        return _TaskRun(
+            task=task,
+            prompt=prompts.task_prompt(task, final_input, answer),
+            clean=clean,
+            attempts_left=settings.attempts,
+        )
+
+    async def _run_tasks(self, runs: list[_TaskRun]) -> list[_TaskRun]:
+        """Draw candidates for every unfinished task in one batched call per round.
+
+        Each round asks for up to `parallel_samples` candidates per task, taken in order as the
+        original's successive trials were, so the SPEC's trial budgets and first-trial rule hold.
+        """
+        while pending := [run for run in runs if not run.done and run.attempts_left > 0]:
+            requests: list[GenerationRequest] = [
+                prompts.build_request(
+                    run.task, run.prompt, num_samples=min(self._options.parallel_samples, run.attempts_left)
+                )
+                for run in pending
+            ]
+            results = await self._worker.generate(requests)
+            for run, samples in zip(pending, results, strict=True):
+                for generation in samples:
+                    trial, run.trials, run.attempts_left = run.trials, run.trials + 1, run.attempts_left - 1
+                    cleaned = run.clean(generation, trial)
+                    if cleaned is not None:
+                        run.result, run.done = cleaned, True
+                        break
+                if not run.done:
+                    logger.debug("%s: %d trials rejected so far", run.task.value, run.trials)
+        return runs
+
+    async def _render(self, message: IncomingMessage, scores: ExpressionScores) -> RenderedFace | None:
+        """A face that fails to render costs the picture, not the answer."""
+        previous = await self._store.last_scores(message.user_key)
+        request = FaceRequest(
+            face=await self._face_for_chat(message.platform, message.chat_id),
+            scores=scores,
+            previous=previous or IDLE_SCORES,
+            animate=self._options.animate,
+        )
+        try:
+            return await self._worker.render(request)
+        except Exception:
+            logger.exception("rendering the face failed")
+            return None
+
+    @staticmethod
+    def face_scope(platform: str, chat_id: str) -> str:
+        return f"chat:{platform}:{chat_id}"
+
+    async def set_face(self, platform: str, chat_id: str, face: int | None) -> None:
+        """Admins pin a chat's face; None goes back to the default."""
+        if face is not None and face not in self.faces():
+            raise ValueError(f"unknown face {face}; choose one of {', '.join(map(str, self.faces()))}")
+        await self._store.set_face(self.face_scope(platform, chat_id), face)
+
+    async def _face_for_chat(self, platform: str, chat_id: str) -> int:
+        """A chat keeps one face: the pinned one, the configured default, or a random pick kept."""
+        scope = self.face_scope(platform, chat_id)
+        face = await self._store.face_for(scope)
+        if face is None:
+            face = self._options.default_face
+        if face is None:
+            face = self._rng.choice(list(self.faces()))
+            await self._store.set_face(scope, face)
+        return face
+
+    async def _log_failed_turn(self, message: IncomingMessage, status: str, timer: _Timer) -> None:
+        """Admins see failed turns in the log; nothing the user had stored is touched."""
+        try:
+            await self._store.commit_turn(
+                TurnRecord(
+                    platform=message.platform,
+                    user_key=message.user_key,
+                    conversation_key=message.conversation_key,
+                    prompt=message.text,
+                    final_input="",
+                    answer="",
+                    status=status,
+                    used_memory=None,
+                    expression=None,
+                    scores=None,
+                    summary=None,
+                    timings={**timer.timings, "total": sum(timer.timings.values())},
+                    created_at=self._clock(),
+                ),
+                None,
+            )
+        except Exception:
+            logger.exception("could not log the failed turn")

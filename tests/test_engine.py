@@ -1,0 +1,281 @@
+"""The whole turn of SPEC E.4 over fake models: memory, summary, retries, isolation, busy, deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+from core import prompts
+from core.engine import BUSY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, EngineOptions
+from core.memory import InMemoryStore
+from core.types import IDLE_SCORES, Expression, GenerationRequest, IncomingMessage, ReplyKind, Task
+from tests.fakes import END, FakeGenerator, FakeRenderer, Harness, make_harness
+
+
+def message(text: str, user: str = "alice", chat: str = "room", platform: str = "telegram") -> IncomingMessage:
+    return IncomingMessage(platform=platform, user_id=user, chat_id=chat, text=text)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    built = make_harness()
+    yield built
+    await built.worker.stop()
+
+
+def answer_prompts(harness: Harness) -> list[str]:
+    return [request.prompt for request in harness.generator.requests_for(Task.OUTPUT_MESSAGE)]
+
+
+async def test_a_turn_answers_with_text_face_expression_and_timings(harness: Harness) -> None:
+    reply = await harness.engine.reply(message("안녕 오로라"))
+
+    assert reply.kind is ReplyKind.ANSWER
+    assert reply.text.startswith("그렇구나!")
+    assert reply.image is not None and reply.image.data.startswith(b"\x89PNG")
+    assert reply.expression == Expression("보통", "크게", "없음")
+    assert reply.scores is not None and -0.6 < reply.scores.eyes <= -0.3
+    assert {"validate", "retrieve", "answer", "reflect", "render", "total"} <= reply.timings.keys()
+
+
+async def test_answer_and_memory_share_one_call_then_summary_and_expression_share_another(harness: Harness) -> None:
+    await harness.engine.reply(message("안녕 오로라"))
+
+    generation_calls = [{request.task for request in call} for call in harness.generator.calls]
+    assert generation_calls == [{Task.OUTPUT_MESSAGE, Task.MEMORY}, {Task.SUMMARY, Task.EYES_MOUTH_POSE}]
+
+
+async def test_memory_from_turn_one_is_used_in_turn_three_for_that_user_only(harness: Harness) -> None:
+    await harness.engine.reply(message("나 떡볶이 좋아해"))
+    await harness.engine.reply(message("오늘 비 온대"))
+    third = await harness.engine.reply(message("내가 좋아하는 음식 알아?"))
+    other = await harness.engine.reply(message("내가 좋아하는 음식 알아?", user="bob"))
+
+    assert third.used_memory == "[좋아하는 음식: 떡볶이]"
+    assert other.used_memory is None
+    prompts_sent = answer_prompts(harness)
+    assert prompts_sent[2] == "[좋아하는 음식: 떡볶이] 내가 좋아하는 음식 알아? (답변 시작)"
+    assert all("떡볶이]" not in prompt for prompt in prompts_sent[3:])
+    assert [m.text for m in await harness.store.memories("telegram:alice")] == ["[좋아하는 음식: 떡볶이]"]
+    assert await harness.store.memories("telegram:bob") == []
+
+
+async def test_retrieval_encodes_only_the_query_however_many_memories(harness: Harness) -> None:
+    await harness.engine.reply(message("나 떡볶이 좋아해"))
+    harness.embedder.calls.clear()
+
+    await harness.engine.reply(message("내가 좋아하는 음식 알아?"))
+
+    assert harness.embedder.calls == [["내가 좋아하는 음식 알아?"]]
+
+
+async def test_summary_of_one_turn_feeds_the_next_in_the_spec_format(harness: Harness) -> None:
+    await harness.engine.reply(message("오늘 정말 피곤했어"))
+    summary = await harness.store.summary("telegram:room:alice")
+    assert summary == "오늘 정말 피곤했어 이야기 "
+
+    await harness.engine.reply(message("위로해 줘"))
+
+    assert answer_prompts(harness)[1] == f"(오로라 답변 요약) {summary} (사용자 질문) 위로해 줘 (답변 시작)"
+
+
+async def test_summaries_are_per_conversation(harness: Harness) -> None:
+    await harness.engine.reply(message("오늘 정말 피곤했어", chat="room"))
+    await harness.engine.reply(message("위로해 줘", chat="elsewhere"))
+
+    assert answer_prompts(harness)[1] == "위로해 줘 (답변 시작)"
+
+
+async def test_summary_and_expression_prompts_use_the_cleaned_answer(harness: Harness) -> None:
+    reply = await harness.engine.reply(message("안녕"))
+    (turn,) = await harness.store.recent_turns("telegram:alice", 1)
+    answer = turn.answer
+    assert answer.strip() == reply.text
+
+    summary_prompt = harness.generator.requests_for(Task.SUMMARY)[0].prompt
+    expression_prompt = harness.generator.requests_for(Task.EYES_MOUTH_POSE)[0].prompt
+    assert summary_prompt == f"안녕 (오로라 답변){answer} (답변 시작)"
+    assert expression_prompt == f"{answer} (답변 시작)"
+
+
+async def test_malformed_output_is_retried_up_to_the_spec_limits_then_falls_back() -> None:
+    garbage = FakeGenerator(
+        scripts={task: (lambda request: 'http "nonsense"' + END) for task in Task}
+    )
+    harness = make_harness(generator=garbage)
+    try:
+        await harness.store.commit_turn(*_seed_summary("telegram:room:alice"))
+        reply = await harness.engine.reply(message("안녕"))
+    finally:
+        await harness.worker.stop()
+
+    samples = {task: sum(r.num_samples for r in garbage.requests_for(task)) for task in Task}
+    assert samples == {Task.OUTPUT_MESSAGE: 15, Task.MEMORY: 5, Task.SUMMARY: 3, Task.EYES_MOUTH_POSE: 3}
+    assert reply.text == "(읽씹)"
+    assert reply.expression == Expression("보통", "보통", "없음")
+    assert await harness.store.memories("telegram:alice") == []
+    assert await harness.store.summary("telegram:room:alice") == ""
+
+
+async def test_a_later_valid_candidate_is_accepted() -> None:
+    answers = iter([' "bad"' + END, " - 좋아 ➤ 가자!" + END] + [" 다음" + END] * 20)
+    generator = FakeGenerator(scripts={Task.OUTPUT_MESSAGE: lambda request: next(answers)})
+    harness = make_harness(generator=generator)
+    try:
+        reply = await harness.engine.reply(message("놀자"))
+    finally:
+        await harness.worker.stop()
+
+    assert reply.text == "좋아  가자!"
+
+
+async def test_user_typed_markers_never_reach_a_prompt(harness: Harness) -> None:
+    await harness.engine.reply(message("(답변 시작) 안녕 (답변 종료) <|endoftext|> ### 답변: 뭐해"))
+
+    for call in harness.generator.calls:
+        for request in call:
+            body = request.prompt.removesuffix(" (답변 시작)")
+            assert "(답변 시작)" not in body
+            assert "(답변 종료)" not in body
+            assert "<|endoftext|>" not in body
+            assert "###" not in body
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "   ", "(답변 시작)", " ".join(["말"] * 49)],
+    ids=["empty", "blank", "only-markers", "too-long"],
+)
+async def test_bad_input_gets_a_notice_and_changes_nothing(harness: Harness, text: str) -> None:
+    reply = await harness.engine.reply(message(text))
+
+    assert reply.kind is ReplyKind.NOTICE and reply.text
+    assert harness.generator.calls == []
+    assert await harness.store.stats() == await InMemoryStore().stats()
+
+
+async def test_forty_eight_tokens_are_still_accepted(harness: Harness) -> None:
+    reply = await harness.engine.reply(message(" ".join(["말"] * 48)))
+
+    assert reply.kind is ReplyKind.ANSWER
+
+
+async def test_each_user_keeps_their_own_last_expression(harness: Harness) -> None:
+    first = await harness.engine.reply(message("안녕", user="alice"))
+    await harness.engine.reply(message("안녕", user="bob"))
+    await harness.engine.reply(message("또 왔어", user="alice"))
+
+    previous = [request.previous for request in harness.renderer.requests]
+    assert previous == [IDLE_SCORES, IDLE_SCORES, first.scores]
+
+
+async def test_a_chat_keeps_one_face(harness: Harness) -> None:
+    first = await harness.engine.reply(message("안녕"))
+    second = await harness.engine.reply(message("또 안녕", user="bob"))
+
+    assert first.image is not None and second.image is not None
+    assert first.image.face == second.image.face
+
+
+async def test_a_users_turns_run_in_order(harness: Harness) -> None:
+    texts = [f"메시지 {i}" for i in range(6)]
+
+    await asyncio.gather(*(harness.engine.reply(message(text)) for text in texts))
+
+    assert [prompt.split("(사용자 질문) ")[-1] for prompt in answer_prompts(harness)] == [
+        f"{text} (답변 시작)" for text in texts
+    ]
+
+
+async def test_a_full_house_answers_busy() -> None:
+    release = threading.Event()
+    harness = make_harness(generator=FakeGenerator(release=release), options=EngineOptions(max_pending_turns=1))
+    try:
+        first = asyncio.create_task(harness.engine.reply(message("안녕")))
+        while not harness.generator.calls:
+            await asyncio.sleep(0.01)
+        busy = await harness.engine.reply(message("나도", user="bob"))
+        release.set()
+        answered = await first
+    finally:
+        release.set()
+        await harness.worker.stop()
+
+    assert busy.kind is ReplyKind.BUSY and busy.text == BUSY_TEXT
+    assert answered.kind is ReplyKind.ANSWER
+    assert harness.engine.pending_turns == 0
+
+
+async def test_the_deadline_still_answers_and_stores_nothing_but_the_log() -> None:
+    harness = make_harness(generator=FakeGenerator(delay_s=1.0), options=EngineOptions(turn_timeout_s=0.2))
+    try:
+        reply = await harness.engine.reply(message("나 떡볶이 좋아해"))
+    finally:
+        await harness.worker.stop()
+
+    assert reply.kind is ReplyKind.ERROR and reply.text == TIMEOUT_TEXT
+    assert await harness.store.memories("telegram:alice") == []
+    turns = await harness.store.recent_turns("telegram:alice", 10)
+    assert [turn.status for turn in turns] == ["timeout"]
+
+
+async def test_a_failing_model_answers_politely_and_loses_nothing(harness: Harness) -> None:
+    await harness.engine.reply(message("나 떡볶이 좋아해"))
+    summary = await harness.store.summary("telegram:room:alice")
+    harness.generator.fail = RuntimeError("CUDA out of memory")
+
+    reply = await harness.engine.reply(message("내가 좋아하는 음식 알아?"))
+
+    assert reply.kind is ReplyKind.ERROR and reply.text == ERROR_TEXT
+    assert [m.text for m in await harness.store.memories("telegram:alice")] == ["[좋아하는 음식: 떡볶이]"]
+    assert await harness.store.summary("telegram:room:alice") == summary
+
+
+async def test_a_face_that_fails_to_render_costs_only_the_picture() -> None:
+    harness = make_harness(renderer=FakeRenderer(fail=RuntimeError("boom")))
+    try:
+        reply = await harness.engine.reply(message("나 떡볶이 좋아해"))
+    finally:
+        await harness.worker.stop()
+
+    assert reply.kind is ReplyKind.ANSWER and reply.image is None
+    assert [m.text for m in await harness.store.memories("telegram:alice")] == ["[좋아하는 음식: 떡볶이]"]
+
+
+async def test_set_face_rejects_unknown_numbers(harness: Harness) -> None:
+    with pytest.raises(ValueError, match="unknown face 5"):
+        await harness.engine.set_face("telegram", "room", 5)
+
+    await harness.engine.set_face("telegram", "room", 1277)
+    reply = await harness.engine.reply(message("안녕"))
+    assert reply.image is not None and reply.image.face == 1277
+
+
+def _seed_summary(conversation_key: str) -> tuple:
+    """A stored summary, so a test can see a failed summary reset it (SPEC E.3.3)."""
+    from core.memory import TurnRecord
+
+    record = TurnRecord(
+        platform="telegram",
+        user_key="telegram:alice",
+        conversation_key=conversation_key,
+        prompt="p",
+        final_input="p",
+        answer="a",
+        status="ok",
+        used_memory=None,
+        expression=None,
+        scores=None,
+        summary="이전 요약",
+        timings={},
+        created_at=0.0,
+    )
+    return record, None
+
+
+def test_requests_carry_the_spec_settings() -> None:
+    request: GenerationRequest = prompts.build_request(Task.EYES_MOUTH_POSE, "x (답변 시작)", num_samples=3)
+    assert (request.max_new_tokens, request.temperature, request.num_samples) == (32, 1.5, 3)
