@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.hub import LAYOUT_HELP, configure_download_parser, run_download
+    from models.hub import configure_download_parser, run_download
 
     parser = argparse.ArgumentParser(
         prog="ohlora",
@@ -74,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
         "download",
         help="fetch the published checkpoints and data files",
         description="Fetch every checkpoint of the real profile into the on-disk layout below.",
-        epilog=LAYOUT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     configure_download_parser(download)
     download.set_defaults(handler=run_download)
@@ -114,12 +112,15 @@ def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: b
     from models.layout import ModelLayout
     from models.runtime import load_models, tiny_layout
 
-    if settings.model_profile is ModelProfile.TINY:
-        layout = tiny_layout(settings.tiny_models_dir)
-    else:
-        layout = ModelLayout(settings.models_dir)
+    tiny = settings.model_profile is ModelProfile.TINY
+    layout = tiny_layout(settings.tiny_models_dir) if tiny else ModelLayout(settings.models_dir)
     loaded = load_models(
-        layout, device=settings.device, dtype=settings.dtype, seed=seed, default_face=settings.default_face
+        layout,
+        device=settings.device,
+        dtype=settings.dtype,
+        seed=seed,
+        default_face=settings.default_face,
+        verify=not tiny,
     )
     generator = loaded.generator
     if show_prompts:

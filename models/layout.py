@@ -27,7 +27,7 @@ class ModelLayout:
 
     @property
     def base_model_dir(self) -> Path:
-        """A local copy of the base model; the real profile uses the hub id unless this exists."""
+        """The base model, loaded from this local folder (`ohlora download` puts Polyglot-Ko 1.3B here)."""
         return self.llm_dir / "polyglot_original"
 
     @property

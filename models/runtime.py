@@ -37,8 +37,9 @@ def load_models(
 ) -> LoadedModels:
     """Strict loading of the LLM with its adapters, the S-BERT and the face generator.
 
-    `verify` checks the whole layout first, so a missing file is one error that names every
-    missing file and the command that fetches it, rather than a traceback from deep in a loader.
+    `verify` checks the whole real layout first (the tiny stand-ins carry their own data, which
+    the published hashes would reject), so a missing file is one error that names every missing
+    file and the command that fetches it, rather than a traceback from deep in a loader.
     """
     from models.face import load_face_renderer
     from models.hub import verify_layout
