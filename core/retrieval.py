@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.memory import normalize
+
 MIN_LINE_CHARS = 3
 """Upstream skipped lines shorter than 3 characters without spaces, counting the newline."""
 
@@ -27,7 +29,7 @@ def best_memory(
     """The highest-cosine memory at or above `threshold`; ties keep the stored order."""
     best: Match | None = None
     for text, embedding in zip(texts, embeddings, strict=True):
-        if len("".join(text.split())) + 1 < MIN_LINE_CHARS:
+        if len(normalize(text)) + 1 < MIN_LINE_CHARS:
             continue
         score = _cosine(query, embedding)
         if score >= threshold and (best is None or score > best.score):
