@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--profile",
         choices=[profile.value for profile in ModelProfile],
-        help="real: the downloaded checkpoints; tiny: small offline stand-ins, no download (default: OHLORA_MODEL_PROFILE or real)",
+        help="real: the downloaded checkpoints; tiny: small offline stand-ins, no download"
+        " (default: OHLORA_MODEL_PROFILE or real)",
     )
     chat.add_argument("--db", type=Path, help="SQLite database (default: OHLORA_DB_PATH or data/ohlora.sqlite3)")
     chat.add_argument("--save-faces", type=Path, metavar="DIR", help="write each reply's face to DIR as a PNG")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from core import prompts
 from core.expression import scores_for
@@ -39,6 +40,8 @@ from core.worker import InferenceWorker
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 BUSY_TEXT = "앗, 지금 이야기하는 사람이 너무 많아서 정신이 없어! 😵 잠깐 뒤에 다시 말 걸어 줄래?"
 TIMEOUT_TEXT = "미안, 생각이 너무 길어졌어 😢 다시 한 번 말해 줄래?"
 ERROR_TEXT = "어라, 나 지금 머리가 잠깐 하얘졌어 😢 조금 있다가 다시 말해 줄래?"
@@ -59,16 +62,18 @@ class EngineOptions:
 
 
 @dataclass
-class _TaskRun:
+class _TaskRun(Generic[T]):
     """The attempts of one task within a turn (SPEC E.3.3: each task has its own trial budget)."""
 
     task: Task
     prompt: str
-    clean: Callable[[Generation, int], object | None]
+    clean: Callable[[Generation, int], T | None]
     attempts_left: int
     trials: int = 0
-    result: object | None = None
-    done: bool = False
+    result: T | None = None
+
+    def result_or(self, fallback: T) -> T:
+        return fallback if self.result is None else self.result
 
 
 @dataclass
@@ -174,29 +179,22 @@ class Engine:
         final_input = prompts.compose_final_input(user_text, memory, summary)
 
         with timer.stage("answer"):
-            answer_run, memory_run = await self._run_tasks(
-                [self._task_run(Task.OUTPUT_MESSAGE, final_input), self._task_run(Task.MEMORY, final_input)]
-            )
-        answer = answer_run.result if answer_run.done else prompts.FALLBACKS[Task.OUTPUT_MESSAGE]
-        assert isinstance(answer, str)
+            answer_run = self._task_run(Task.OUTPUT_MESSAGE, final_input, prompts.clean_output_message)
+            memory_run = self._task_run(Task.MEMORY, final_input, _memory_cleaner())
+            await self._run_tasks([answer_run, memory_run])
+        answer = answer_run.result_or(prompts.FALLBACK_OUTPUT_MESSAGE)
 
         with timer.stage("reflect"):
-            summary_run, expression_run = await self._run_tasks(
-                [
-                    self._task_run(Task.SUMMARY, final_input, answer),
-                    self._task_run(Task.EYES_MOUTH_POSE, final_input, answer),
-                ]
-            )
-        new_summary = summary_run.result if summary_run.done else prompts.FALLBACKS[Task.SUMMARY]
-        expression = (
-            expression_run.result if expression_run.done else prompts.FALLBACKS[Task.EYES_MOUTH_POSE]
-        )
-        assert isinstance(new_summary, str) and isinstance(expression, Expression)
+            summary_run = self._task_run(Task.SUMMARY, final_input, _summary_cleaner(), answer)
+            expression_run = self._task_run(Task.EYES_MOUTH_POSE, final_input, _expression_parser, answer)
+            await self._run_tasks([summary_run, expression_run])
+        new_summary = summary_run.result_or(prompts.FALLBACK_SUMMARY)
+        expression = expression_run.result_or(prompts.FALLBACK_EXPRESSION)
         scores = scores_for(expression, self._rng)
 
         new_memory = None
-        if memory_run.done and memory_run.result.item is not None:  # type: ignore[attr-defined]
-            item = memory_run.result.item  # type: ignore[attr-defined]
+        item = memory_run.result_or(prompts.FALLBACK_MEMORY).item
+        if item is not None:
             with timer.stage("embed"):
                 embedding = (await self._worker.encode([item.text]))[0]
             new_memory = NewMemory(key=item.key, value=item.value, text=item.text, embedding=embedding)
@@ -247,31 +245,24 @@ class Engine:
         )
         return match.text if match else None
 
-    def _task_run(self, task: Task, final_input: str, answer: str | None = None) -> _TaskRun:
-        settings = prompts.TASK_SETTINGS[task]
-        clean: Callable[[Generation, int], object | None]
-        if task is Task.OUTPUT_MESSAGE:
-            clean = prompts.clean_output_message
-        elif task is Task.MEMORY:
-            clean = lambda generation, _: prompts.clean_memory(generation, settings.max_new_tokens)  # noqa: E731
-        elif task is Task.SUMMARY:
-            clean = lambda generation, _: prompts.clean_summary(generation, settings.max_new_tokens)  # noqa: E731
-        else:
-            clean = lambda generation, _: prompts.parse_eyes_mouth_pose(generation)  # noqa: E731
+    @staticmethod
+    def _task_run(
+        task: Task, final_input: str, clean: Callable[[Generation, int], T | None], answer: str | None = None
+    ) -> _TaskRun[T]:
         return _TaskRun(
             task=task,
             prompt=prompts.task_prompt(task, final_input, answer),
             clean=clean,
-            attempts_left=settings.attempts,
+            attempts_left=prompts.TASK_SETTINGS[task].attempts,
         )
 
-    async def _run_tasks(self, runs: list[_TaskRun]) -> list[_TaskRun]:
+    async def _run_tasks(self, runs: Sequence[_TaskRun[Any]]) -> None:
         """Draw candidates for every unfinished task in one batched call per round.
 
         Each round asks for up to `parallel_samples` candidates per task, taken in order as the
         original's successive trials were, so the SPEC's trial budgets and first-trial rule hold.
         """
-        while pending := [run for run in runs if not run.done and run.attempts_left > 0]:
+        while pending := [run for run in runs if run.result is None and run.attempts_left > 0]:
             requests: list[GenerationRequest] = [
                 prompts.build_request(
                     run.task, run.prompt, num_samples=min(self._options.parallel_samples, run.attempts_left)
@@ -284,11 +275,10 @@ class Engine:
                     trial, run.trials, run.attempts_left = run.trials, run.trials + 1, run.attempts_left - 1
                     cleaned = run.clean(generation, trial)
                     if cleaned is not None:
-                        run.result, run.done = cleaned, True
+                        run.result = cleaned
                         break
-                if not run.done:
+                else:
                     logger.debug("%s: %d trials rejected so far", run.task.value, run.trials)
-        return runs
 
     async def _render(self, message: IncomingMessage, scores: ExpressionScores) -> RenderedFace | None:
         """A face that fails to render costs the picture, not the answer."""
@@ -349,3 +339,17 @@ class Engine:
             )
         except Exception:
             logger.exception("could not log the failed turn")
+
+
+def _memory_cleaner() -> Callable[[Generation, int], prompts.MemoryResult | None]:
+    limit = prompts.TASK_SETTINGS[Task.MEMORY].max_new_tokens
+    return lambda generation, _: prompts.clean_memory(generation, limit)
+
+
+def _summary_cleaner() -> Callable[[Generation, int], str | None]:
+    limit = prompts.TASK_SETTINGS[Task.SUMMARY].max_new_tokens
+    return lambda generation, _: prompts.clean_summary(generation, limit)
+
+
+def _expression_parser(generation: Generation, _trial: int) -> Expression | None:
+    return prompts.parse_eyes_mouth_pose(generation)
