@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.config import ModelProfile, Settings
+from core.config import LlmBackend, ModelProfile, Settings
 from core.engine import Engine, EngineOptions
 from core.memory import SqliteStore
 from core.worker import InferenceWorker
@@ -78,7 +78,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     configure_download_parser(download)
     download.set_defaults(handler=run_download)
+
+    export = commands.add_parser(
+        "export-merged",
+        help="merge each adapter into its own full model, for serving with vLLM",
+        description="Write four merged models (base + one adapter each) and print the `vllm serve` commands.",
+    )
+    export.add_argument("--models-dir", type=Path, help="the downloaded checkpoints (default: OHLORA_MODELS_DIR)")
+    export.add_argument("--out", type=Path, default=Path("data/merged"), help="where to write (default: data/merged)")
+    export.add_argument("--host", default="localhost", help="the GPU host the servers will run on, for the URL")
+    export.add_argument("--first-port", type=int, default=8001, help="port of the first server (default: 8001)")
+    export.set_defaults(handler=_export_merged)
     return parser
+
+
+def _export_merged(args: argparse.Namespace) -> int:
+    from models.errors import ModelFilesMissing
+    from models.layout import ModelLayout
+    from models.merge import export_merged
+    from models.vllm_backend import merged_serve_commands, merged_url_setting
+
+    _configure_logging("INFO")
+    layout = ModelLayout(args.models_dir or Settings().models_dir)
+    try:
+        written = export_merged(layout, args.out)
+    except ModelFilesMissing as error:
+        print(error, file=sys.stderr)
+        return EXIT_MISSING_MODELS
+    print("Start one server per task on the GPU host:")
+    for command in merged_serve_commands(written, first_port=args.first_port).values():
+        print(f"  {command}")
+    print("Then point the bot at them:")
+    print("  OHLORA_LLM_BACKEND=vllm")
+    print(f"  OHLORA_VLLM_URL={merged_url_setting(args.host, first_port=args.first_port)}")
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -111,8 +144,12 @@ def _engine_options(settings: Settings) -> EngineOptions:
 
 def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: bool = False) -> InferenceWorker:
     from models.layout import ModelLayout
-    from models.runtime import load_models, tiny_layout
+    from models.runtime import VllmEndpoint, load_models, tiny_layout
 
+    vllm = None
+    if settings.llm_backend is LlmBackend.VLLM and settings.vllm_url:
+        api_key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+        vllm = VllmEndpoint(settings.vllm_url, api_key, settings.vllm_timeout_s)
     tiny = settings.model_profile is ModelProfile.TINY
     layout = tiny_layout(settings.tiny_models_dir) if tiny else ModelLayout(settings.models_dir)
     loaded = load_models(
@@ -122,6 +159,7 @@ def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: b
         seed=seed,
         default_face=settings.default_face,
         verify=not tiny,
+        vllm=vllm,
     )
     generator = loaded.generator
     if show_prompts:

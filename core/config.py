@@ -10,13 +10,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ModelProfile(str, Enum):
     REAL = "real"
     TINY = "tiny"
+
+
+class LlmBackend(str, Enum):
+    LOCAL = "local"
+    VLLM = "vllm"
 
 
 class Settings(BaseSettings):
@@ -37,6 +42,10 @@ class Settings(BaseSettings):
     db_path: Path = Field(default=Path("data/ohlora.sqlite3"), validation_alias="OHLORA_DB_PATH")
     models_dir: Path = Field(default=Path("data/models"), validation_alias="OHLORA_MODELS_DIR")
     tiny_models_dir: Path = Field(default=Path("data/tiny_models"), validation_alias="OHLORA_TINY_MODELS_DIR")
+    llm_backend: LlmBackend = Field(default=LlmBackend.LOCAL, validation_alias="OHLORA_LLM_BACKEND")
+    vllm_url: str | None = Field(default=None, validation_alias="OHLORA_VLLM_URL")
+    vllm_api_key: SecretStr | None = Field(default=None, validation_alias="OHLORA_VLLM_API_KEY")
+    vllm_timeout_s: float = Field(default=60.0, gt=0, validation_alias="OHLORA_VLLM_TIMEOUT_S")
     device: str = Field(default="auto", validation_alias="OHLORA_DEVICE")
     dtype: str = Field(default="auto", validation_alias="OHLORA_DTYPE")
     face: str = Field(default="random", validation_alias="OHLORA_FACE")
@@ -64,6 +73,12 @@ class Settings(BaseSettings):
         if value != "random" and not value.isdigit():
             raise ValueError("OHLORA_FACE must be a face number or 'random'")
         return value
+
+    @model_validator(mode="after")
+    def _vllm_needs_a_url(self) -> Settings:
+        if self.llm_backend is LlmBackend.VLLM and not self.vllm_url:
+            raise ValueError("OHLORA_LLM_BACKEND=vllm needs OHLORA_VLLM_URL (see README, 'Scaling out with vLLM')")
+        return self
 
     @property
     def default_face(self) -> int | None:

@@ -7,9 +7,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.types import Embedder, FaceRenderer, TextGenerator
+from models.face import load_face_renderer
+from models.hub import PARTS, verify_layout
 from models.layout import ModelLayout
+from models.llm import load_text_generator
+from models.sbert import load_embedder
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VllmEndpoint:
+    """Where an OpenAI-compatible vLLM serves the four tasks (`OHLORA_VLLM_URL`)."""
+
+    url: str
+    api_key: str | None = None
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,7 @@ def load_models(
     seed: int | None = None,
     default_face: int | None = None,
     verify: bool = True,
+    vllm: VllmEndpoint | None = None,
 ) -> LoadedModels:
     """Strict loading of the LLM with its adapters, the S-BERT and the face generator.
 
@@ -41,16 +55,20 @@ def load_models(
     the published hashes would reject), so a missing file is one error that names every missing
     file and the command that fetches it, rather than a traceback from deep in a loader.
     """
-    from models.face import load_face_renderer
-    from models.hub import verify_layout
-    from models.llm import load_text_generator
-    from models.sbert import load_embedder
-
     if verify:
-        verify_layout(layout)
+        # With vLLM the base model lives on the GPU host; only the adapters' tokenizer is needed here.
+        verify_layout(layout, [part for part in PARTS if not (vllm and part == "llm")])
     logger.info("loading models from %s", layout.root)
     return LoadedModels(
-        generator=load_text_generator(layout, device=device, dtype=dtype),
+        generator=_text_generator(layout, device=device, dtype=dtype, vllm=vllm),
         embedder=load_embedder(layout, device=device),
         renderer=load_face_renderer(layout, seed=seed, default_face=default_face),
     )
+
+
+def _text_generator(layout: ModelLayout, *, device: str, dtype: str, vllm: VllmEndpoint | None) -> TextGenerator:
+    if vllm is None:
+        return load_text_generator(layout, device=device, dtype=dtype)
+    from models.vllm_backend import load_vllm_generator
+
+    return load_vllm_generator(layout, vllm.url, vllm.api_key, timeout_s=vllm.timeout_s)
