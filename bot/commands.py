@@ -157,6 +157,14 @@ class Commands:
     def faces(self) -> Sequence[int]:
         return self._engine.faces()
 
+    async def memory_keys(self, caller: Caller) -> list[str]:
+        """The caller's memory keys, for suggesting what `forget` can take."""
+        return [memory.key for memory in await self._store.memories(caller.user_key)]
+
+    async def is_channel_allowed(self, platform: str, channel_id: str) -> bool:
+        """Whether an admin let Oh-LoRA answer every message in this group channel."""
+        return await self._store.is_channel_allowed(platform, channel_id)
+
     # Admin commands: refused, with nothing changed, unless the caller is an admin.
 
     async def allow_channel(self, caller: Caller, channel_id: str, allowed: bool) -> CommandResult:
