@@ -21,6 +21,7 @@ from core.worker import InferenceWorker
 logger = logging.getLogger("ohlora")
 
 EXIT_MISSING_MODELS = 2
+EXIT_LOGIN_FAILED = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +128,8 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "discord.gateway", "telegram.ext"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # python-telegram-bot logs request URLs, which carry the token, at DEBUG.
+    logging.getLogger("telegram").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def _engine_options(settings: Settings) -> EngineOptions:
@@ -202,6 +205,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _bot(args: argparse.Namespace) -> int:
+    from bot.errors import BotLoginFailed
     from bot.service import MissingTokens, serve
     from models.errors import ModelFilesMissing
 
@@ -223,6 +227,9 @@ def _bot(args: argparse.Namespace) -> int:
             engine = Engine(worker, store, _engine_options(settings))
             await serve(engine, store, settings)
             return 0
+        except BotLoginFailed as error:
+            print(error, file=sys.stderr)
+            return EXIT_LOGIN_FAILED
         finally:
             await worker.stop()
             await store.close()
