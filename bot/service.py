@@ -86,7 +86,14 @@ def _adapters(commands: Commands, settings: Settings, shutdown_grace_s: float) -
     if settings.discord_token is not None:
         from bot.discord_bot import DiscordAdapter
 
-        adapters.append(DiscordAdapter(commands, settings, shutdown_grace_s=shutdown_grace_s))
+        adapters.append(
+            DiscordAdapter(
+                commands,
+                settings,
+                shutdown_grace_s=shutdown_grace_s,
+                sync_guild_id=settings.discord_dev_guild_id,
+            )
+        )
     if not adapters:
         raise MissingTokens()
     return adapters

@@ -1,0 +1,58 @@
+"""Settings: `.env.example` documents every setting and parses as shipped; tokens stay secret."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from pydantic import ValidationError
+
+from core.config import LlmBackend, ModelProfile, Settings
+from tests.conftest import REPO_ROOT
+
+EXAMPLE = REPO_ROOT / ".env.example"
+
+
+def test_the_example_file_parses_as_shipped() -> None:
+    settings = Settings(_env_file=EXAMPLE)  # type: ignore[call-arg]
+
+    assert settings.discord_token is None and settings.telegram_token is None
+    assert settings.admin_ids == frozenset()
+    assert settings.model_profile is ModelProfile.REAL
+    assert settings.max_prompt_tokens == 48
+
+
+def test_every_setting_is_in_the_example_file() -> None:
+    documented = set(re.findall(r"^#?\s*([A-Z_]+)=", EXAMPLE.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    names = {field.validation_alias for field in Settings.model_fields.values()}
+
+    assert names <= documented
+
+
+def test_admin_ids_are_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OHLORA_ADMIN_IDS", "telegram:777, discord:1234,")
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+
+    assert settings.admin_ids == {"telegram:777", "discord:1234"}
+    assert settings.is_admin("telegram", "777") and not settings.is_admin("telegram", "1234")
+
+
+def test_tokens_never_show_in_a_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TELEGRAM_TOKEN", "123:very-secret")
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+
+    assert "very-secret" not in repr(settings)
+    assert settings.telegram_token is not None and settings.telegram_token.get_secret_value() == "123:very-secret"
+
+
+def test_vllm_backend_needs_a_url() -> None:
+    with pytest.raises(ValidationError, match="OHLORA_VLLM_URL"):
+        Settings(_env_file=None, llm_backend=LlmBackend.VLLM)  # type: ignore[call-arg]
+
+
+def test_face_must_be_a_number_or_random() -> None:
+    assert Settings(_env_file=None, face="127").default_face == 127  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, face="pretty")  # type: ignore[call-arg]
