@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from core.engine import Engine
+from core.keyed_lock import KeyedLocks
 from core.memory import Store, normalize
 from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind
 
@@ -110,6 +112,16 @@ class Commands:
         self._admin_ids = admin_ids
         self._model_profile = model_profile
         self._clock = clock
+        self._order = KeyedLocks()
+
+    def in_order(self, user_key: str) -> AbstractAsyncContextManager[None]:
+        """Hold a user's place from the moment their message arrives until the reply is sent.
+
+        Adapters enter this before their first await (typing indicators, store reads), so a
+        user's messages are answered in the order they were sent even when the platform hands
+        updates over concurrently.
+        """
+        return self._order.hold(user_key)
 
     def is_admin(self, caller: Caller) -> bool:
         return caller.platform_admin or caller.user_key in self._admin_ids

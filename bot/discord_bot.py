@@ -273,20 +273,21 @@ class OhloraClient(discord.Client):
         if self._closing or self.user is None:
             return
         inbound = InboundMessage.from_discord(message, self.user)
-        if not await should_answer(inbound, self._channel_allowed):
-            return
-        task = asyncio.current_task()
-        assert task is not None  # discord.py runs every event handler as a task
-        self._in_flight.add(task)
-        try:
-            async with message.channel.typing():
-                reply = await self._turn(inbound.to_incoming())
-            if reply is not None:
-                await send_reply(message, reply)
-        except discord.HTTPException as error:
-            logger.warning("Discord: could not answer in channel %s: %s", message.channel.id, error)
-        finally:
-            self._in_flight.discard(task)
+        async with self._commands.in_order(f"{PLATFORM}:{message.author.id}"):
+            if not await should_answer(inbound, self._channel_allowed):
+                return
+            task = asyncio.current_task()
+            assert task is not None  # discord.py runs every event handler as a task
+            self._in_flight.add(task)
+            try:
+                async with message.channel.typing():
+                    reply = await self._turn(inbound.to_incoming())
+                if reply is not None:
+                    await send_reply(message, reply)
+            except discord.HTTPException as error:
+                logger.warning("Discord: could not answer in channel %s: %s", message.channel.id, error)
+            finally:
+                self._in_flight.discard(task)
 
     async def finish_turns(self, grace_s: float) -> None:
         """Take no new messages; give the turns in flight `grace_s` to reply, then cancel them."""

@@ -470,10 +470,11 @@ class TelegramAdapter:
         incoming = to_incoming(message, self.identity, self._admin_ids)
         if incoming is None:
             return
-        async with chat_action(context.bot, message.chat.id, ChatAction.TYPING, self._chat_action_every_s):
-            reply = await self._commands.chat(incoming)
-        if reply is not None:
-            await self._send(context.bot, message, reply.text, reply.image)
+        async with self._commands.in_order(incoming.user_key):
+            async with chat_action(context.bot, message.chat.id, ChatAction.TYPING, self._chat_action_every_s):
+                reply = await self._commands.chat(incoming)
+            if reply is not None:
+                await self._send(context.bot, message, reply.text, reply.image)
 
     async def _send(self, bot: Bot, to: Message, text: str, image: RenderedFace | None = None) -> None:
         """Text and optional face into `to`'s chat: the face carries the start of the text as caption."""

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from core import prompts
 from core.expression import scores_for
+from core.keyed_lock import KeyedLocks
 from core.memory import NewMemory, Store, TurnRecord
 from core.ratelimit import RateLimiter
 from core.retrieval import best_memory
@@ -105,7 +106,7 @@ class Engine:
         self._rng = rng or random.Random()
         self._clock = clock
         self._rate_limiter = RateLimiter(options.rate_limit_per_minute)
-        self._user_locks: dict[str, asyncio.Lock] = {}
+        self._user_locks = KeyedLocks()
         self._pending = 0
         self.started_at = clock()
 
@@ -113,6 +114,11 @@ class Engine:
     def pending_turns(self) -> int:
         """Turns admitted and not yet answered: the queue depth admins see in stats."""
         return self._pending
+
+    @property
+    def users_in_flight(self) -> int:
+        """Users with a turn running or waiting; their locks are forgotten afterwards."""
+        return len(self._user_locks)
 
     def faces(self) -> Sequence[int]:
         return self._worker.renderer.faces()
@@ -125,7 +131,7 @@ class Engine:
             return Reply(text=BUSY_TEXT, kind=ReplyKind.BUSY)
         self._pending += 1
         try:
-            async with self._lock_for(message.user_key):
+            async with self._user_locks.hold(message.user_key):
                 return await self._guarded_turn(message)
         finally:
             self._pending -= 1
@@ -135,12 +141,6 @@ class Engine:
         face = await self._face_for_chat(platform, chat_id)
         scores = await self._store.last_scores(user_key) or IDLE_SCORES
         return await self._worker.render(FaceRequest(face=face, scores=scores))
-
-    def _lock_for(self, user_key: str) -> asyncio.Lock:
-        lock = self._user_locks.get(user_key)
-        if lock is None:
-            lock = self._user_locks[user_key] = asyncio.Lock()
-        return lock
 
     async def _guarded_turn(self, message: IncomingMessage) -> Reply:
         timer = _Timer()
@@ -154,13 +154,6 @@ class Engine:
             logger.exception("turn of %s failed", message.user_key)
             await self._log_failed_turn(message, "error", timer)
             return Reply(text=ERROR_TEXT, kind=ReplyKind.ERROR, timings=timer.timings)
-        finally:
-            self._forget_idle_lock(message.user_key)
-
-    def _forget_idle_lock(self, user_key: str) -> None:
-        lock = self._user_locks.get(user_key)
-        if lock is not None and not lock.locked() and not getattr(lock, "_waiters", None):
-            del self._user_locks[user_key]
 
     async def _turn(self, message: IncomingMessage, timer: _Timer) -> Reply:
         with timer.stage("validate"):

@@ -88,7 +88,8 @@ _RULES: list[tuple[regex.Pattern[str], str]] = [
     (regex.compile(rf"\({_GAP}({_spelled('사용자')})"), r"\1"),
     (regex.compile(rf"({_spelled('요약')}){_GAP}\)"), r"\1"),
     # A leading "[key: value]" reads as a retrieved memory; without its brackets it is just words.
-    (regex.compile(rf"^{_OPEN}([^{_BRACKETS}:]*:[^{_BRACKETS}]*){_CLOSE}"), r"\1"),
+    # A gap character that survives normalisation (the blank braille pattern) must not shield it.
+    (regex.compile(rf"^{_GAP}{_OPEN}([^{_BRACKETS}:]*:[^{_BRACKETS}]*){_CLOSE}"), r"\1"),
 ]
 
 

@@ -136,7 +136,7 @@ class FakeBotApi:
 
     def start(self) -> FakeBotApi:
         handler = type("Handler", (_Handler,), {"api": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _Server(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-bot-api", daemon=True)
         self._thread.start()
@@ -357,8 +357,16 @@ def _caption(params: Mapping[str, str]) -> Json:
     return {"caption": params["caption"]} if "caption" in params else {}
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128
+    """Bursts of concurrent requests (flood tests) must not overflow the listen backlog."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     """One HTTP request: find the token and method in the path, decode the body, answer JSON."""
+
+    disable_nagle_algorithm = True
+    """Without it every response waits ~40 ms for a delayed acknowledgement."""
 
     api: FakeBotApi
     protocol_version = "HTTP/1.1"

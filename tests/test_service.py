@@ -179,7 +179,9 @@ async def test_a_turn_past_the_grace_period_is_cancelled_and_the_store_stays_int
 class FakeDiscordAdapter:
     instances: list[FakeDiscordAdapter] = []
 
-    def __init__(self, commands: Commands, settings: Settings, *, shutdown_grace_s: float) -> None:
+    def __init__(
+        self, commands: Commands, settings: Settings, *, shutdown_grace_s: float, sync_guild_id: int | None
+    ) -> None:
         self.commands = commands
         self.shutdown_grace_s = shutdown_grace_s
         self.events: list[str] = []
