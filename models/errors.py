@@ -20,3 +20,7 @@ class ModelFilesMissing(FileNotFoundError):
         self.command = command
         listed = "\n".join(f"  {path}" for path in self.missing)
         super().__init__(f"model files are missing or corrupt:\n{listed}\nrun `{command}` to fetch them")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's tensors do not fill the model exactly: loading is strict, never partial."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from core.types import Task
-from models.errors import ModelFilesMissing
+from models.errors import CheckpointMismatch, ModelFilesMissing
 from models.hub import fix_command, layout_problems
 from models.layout import TASKS, ModelLayout
 
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint whose tensors do not fill the model exactly: missing, extra or misshapen."""
 
 
 def merged_model_dir(out_dir: Path, task: Task) -> Path:

@@ -1,11 +1,20 @@
-"""Shared fixtures: where the reference folder is, and skipping cleanly without it."""
+"""Shared fixtures: the reference folder (skipped cleanly without it) and the tiny models.
+
+Torch gets one thread: on two cores, OpenMP threads fighting the subprocess tests and the
+inference thread made the same tests up to 50 times slower.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from models.layout import ModelLayout  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,3 +31,21 @@ def reference() -> Path:
     if not (path / "SPEC.md").is_file():
         pytest.skip(f"reference folder not found at {path} (set OHLORA_REFERENCE_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ModelLayout:
+    """The tiny stand-ins, built once per recipe into pytest's cache (or this session's tmp)."""
+    from models import tiny
+
+    cache = getattr(request.config, "cache", None)
+    parent = Path(cache.mkdir("ohlora-tiny-models")) if cache is not None else tmp_path_factory.getbasetemp()
+    return tiny.ensure_tiny_models(parent / "models")
+
+
+@pytest.fixture(scope="session")
+def sampling_generator(tiny_layout: ModelLayout):  # type: ignore[no-untyped-def]
+    """The real generator over the tiny layout, sampling as the SPEC says."""
+    from models.llm import load_text_generator
+
+    return load_text_generator(tiny_layout, device="cpu", dtype="float32")
