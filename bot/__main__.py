@@ -146,8 +146,12 @@ def _engine_options(settings: Settings) -> EngineOptions:
 
 
 def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: bool = False) -> InferenceWorker:
+    from transformers.utils import logging as transformers_logging
+
     from models.layout import ModelLayout
     from models.runtime import VllmEndpoint, load_models, tiny_layout
+
+    transformers_logging.disable_progress_bar()  # per-load bars are noise in a chat or a service log
 
     vllm = None
     if settings.llm_backend is LlmBackend.VLLM and settings.vllm_url:
@@ -180,6 +184,10 @@ def _chat(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _configure_logging("INFO" if args.verbose else "WARNING")
+    if sys.stdin.isatty():
+        tiny = settings.model_profile is ModelProfile.TINY
+        first_time = " (the first run builds the tiny models, about a minute)" if tiny else ""
+        print(f"오로라를 깨우는 중… loading models{first_time}", file=sys.stderr)
     try:
         worker = _load_worker(settings, seed=args.seed, show_prompts=args.show_prompts)
     except ModelFilesMissing as error:
