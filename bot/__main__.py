@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: b
     from models.runtime import VllmEndpoint, load_models, tiny_layout
 
     transformers_logging.disable_progress_bar()  # per-load bars are noise in a chat or a service log
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     vllm = None
     if settings.llm_backend is LlmBackend.VLLM and settings.vllm_url:
