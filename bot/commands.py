@@ -20,6 +20,8 @@ from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind
 BLOCKED_TEXT = "미안, 지금은 너랑 이야기할 수 없어. 🙏"
 NOT_ADMIN_TEXT = "이건 관리자만 쓸 수 있는 명령이에요. 🔒"
 NO_MEMORIES_TEXT = "아직 기억하고 있는 게 없어! 나한테 너에 대해 알려 줄래? 😊"
+PRIVATE_ONLY_TEXT = "기억은 둘만 있을 때 보여 줄게 🤫 나한테 개인 메시지로 다시 보내 줘!"
+"""Where everyone in a group would read the answer, memories are never listed."""
 BLOCK_NOTIFIED = "block_notified"
 
 HELP_TEXT = """안녕! 나는 오로라야 👱‍♀️ 편하게 말 걸어 줘.

@@ -39,7 +39,7 @@ from telegram.constants import ChatAction, ChatType, MessageLimit
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes, MessageHandler, filters
 
-from bot.commands import NOT_ADMIN_TEXT, Caller, CommandResult, Commands
+from bot.commands import NOT_ADMIN_TEXT, PRIVATE_ONLY_TEXT, Caller, CommandResult, Commands
 from bot.errors import BotLoginFailed
 from core.config import Settings
 from core.engine import ERROR_TEXT
@@ -504,8 +504,17 @@ class TelegramAdapter:
             await self._answer(context, update.message, self._commands.help())
 
     async def _on_memory(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if update.message is not None:
-            await self._answer(context, update.message, await self._commands.memory(caller_of(update.message)))
+        message = update.message
+        if message is None or await self._kept_private(context, message):
+            return
+        await self._answer(context, message, await self._commands.memory(caller_of(message)))
+
+    async def _kept_private(self, context: ContextTypes.DEFAULT_TYPE, message: Message) -> bool:
+        """Memories are listed only in a private chat: in a group, everyone would read them."""
+        if message.chat.type == ChatType.PRIVATE:
+            return False
+        await self._send(context.bot, message, PRIVATE_ONLY_TEXT)
+        return True
 
     async def _on_reset(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if update.message is not None:
@@ -523,6 +532,8 @@ class TelegramAdapter:
         """`/forget` (everything) or `/forget <key>`: show what would go, delete only on "지우기"."""
         message = update.message
         if message is None or message.from_user is None:
+            return
+        if await self._kept_private(context, message):
             return
         key = " ".join(context.args or ()) or None
         preview = await self._commands.forget_preview(caller_of(message), key)
@@ -612,6 +623,8 @@ class TelegramAdapter:
             target = parse_target("memoryof", context.args or (), message)
         except UsageError as usage:
             await self._usage(context, message, caller, usage)
+            return
+        if self._commands.is_admin(caller) and await self._kept_private(context, message):
             return
         await self._answer(context, message, await self._commands.memory_of(caller, target))
 

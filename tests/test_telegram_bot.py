@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from telegram import Message, Update
 from telegram.ext import TypeHandler
 
-from bot.commands import BLOCKED_TEXT, NO_MEMORIES_TEXT, NOT_ADMIN_TEXT, Caller, Commands
+from bot.commands import BLOCKED_TEXT, NO_MEMORIES_TEXT, NOT_ADMIN_TEXT, PRIVATE_ONLY_TEXT, Caller, Commands
 from bot.errors import BotLoginFailed
 from bot.telegram_bot import (
     FORGET_CANCEL,
@@ -443,12 +443,15 @@ async def test_forget_one_key(bot: RunningBot) -> None:
 
 async def test_two_users_in_one_group_never_see_each_others_memories(bot: RunningBot) -> None:
     await bot.say(ALICE, "@ohlora_test_bot 나는 떡볶이 좋아해", chat=GROUP)
-    bobs_request = await bot.say(BOB, "/memory", chat=GROUP)
-    bobs_view = bot.api.sent(GROUP_ID)[-1]
-    await bot.say(ALICE, "/memory", chat=GROUP)
-    alices_view = bot.api.sent(GROUP_ID)[-1]
+    alices_request = await bot.say(ALICE, "/memory", chat=GROUP)
+    in_the_group = bot.api.sent(GROUP_ID)[-1]
+    await bot.say(BOB, "/memory")
+    bobs_view = bot.api.sent(BOB["id"])[-1]
+    await bot.say(ALICE, "/memory")
+    alices_view = bot.api.sent(ALICE["id"])[-1]
 
-    assert bobs_view.text == NO_MEMORIES_TEXT and bobs_view.reply_to == bobs_request["message_id"]
+    assert in_the_group.text == PRIVATE_ONLY_TEXT and in_the_group.reply_to == alices_request["message_id"]
+    assert bobs_view.text == NO_MEMORIES_TEXT
     assert alices_view.text is not None and "떡볶이" in alices_view.text
 
     await bot.say(BOB, "@ohlora_test_bot 내가 좋아하는 음식이 뭐게? 떡볶이", chat=GROUP)
