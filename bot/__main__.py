@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--host", default="localhost", help="the GPU host the servers will run on, for the URL")
     export.add_argument("--first-port", type=int, default=8001, help="port of the first server (default: 8001)")
     export.set_defaults(handler=_export_merged)
+
+    from bench.cli import configure_bench_parser, run_bench
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure our pipeline against the original's approach, on random weights of the real shapes",
+    )
+    configure_bench_parser(bench)
+    bench.set_defaults(handler=run_bench)
     return parser
 
 

@@ -424,3 +424,132 @@ def read_checkpoint(path: Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CheckpointError(f"{what} checkpoint {path} is not a plain state dict of tensors")
     return {name: value.float() if value.is_floating_point() else value for name, value in state.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Prepared synthesis: the same network with its per-call weight work done once
+
+
+@dataclass(frozen=True, eq=False)
+class _PreparedLayer:
+    """One style layer's tensors, ready for `PreparedSynthesis`."""
+
+    kind: LayerKind
+    kernel: torch.Tensor
+    """Scaled 3×3 conv weight, or the fused 4×4 transposed-conv kernel."""
+    blur: torch.Tensor | None
+    offset: torch.Tensor
+    """noise · strength + bias as one (1, C, r, r) map: both are fixed once the model is loaded."""
+    style_weight: torch.Tensor
+    style_bias: torch.Tensor
+    channels: int
+
+
+class PreparedSynthesis:
+    """`SynthesisNetwork` for inference, with everything that does not depend on w done once.
+
+    The module path rescales every weight, rebuilds the fused upsampling kernels and adds noise
+    and bias separately on every call; with the stored noise (randomize_noise=False) and the lod
+    fixed at 0 all of that is constant. Here it happens at construction; the first layer's
+    normalised activations, a function of the constant alone, are precomputed in float32; noise
+    and bias become one stored map per layer; and each layer's instance norm and style modulation
+    run as one batch-norm call.
+
+    Convolutions run in `dtype` and channels-last memory, the layout oneDNN convolves in without
+    reordering; the norm statistics are accumulated in float32 whatever the dtype. In float32
+    the result matches the module path up to float32 rounding. bfloat16 (fast where the CPU has
+    AVX512-BF16 or AMX) rounds every convolution input to 8 significant bits, so pixels differ by
+    a level or two on average: `models/face.py` makes that an explicit choice.
+    """
+
+    def __init__(self, synthesis: SynthesisNetwork, dtype: torch.dtype = torch.float32):
+        if float(synthesis.lod) != 0.0:
+            raise ValueError(f"synthesis.lod is {float(synthesis.lod)}; only fully grown generators are supported")
+        self.dtype = dtype
+        with torch.no_grad():
+            first = synthesis.layer(0)
+            self._first = self._style_affine(first)
+            self._first_channels = first.out_channels
+            constant = first.const + _noise_and_bias(first)
+            self._first_normalized = instance_norm(F.leaky_relu(constant, LEAKY_RELU_SLOPE))  # (1, C, 4, 4)
+            self._layers = [self._prepare(synthesis.layer(i), dtype) for i in range(1, synthesis.num_layers)]
+            to_rgb = getattr(synthesis, f"output{synthesis.num_blocks - 1}")
+            self._rgb_weight = _channels_last(to_rgb.weight * to_rgb.weight_gain, dtype)
+            self._rgb_bias = to_rgb.bias.detach().clone().view(1, -1, 1, 1)
+
+    @staticmethod
+    def _style_affine(layer: SynthesisLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = layer.style.weight * layer.style.weight_gain
+        return weight.detach().clone(), (layer.style.bias * layer.style.bias_gain).detach().clone()
+
+    @classmethod
+    def _prepare(cls, layer: SynthesisLayer, dtype: torch.dtype) -> _PreparedLayer:
+        kernel = layer.weight * layer.weight_gain
+        if layer.kind == "fused_up":
+            kernel = fused_upsample_kernel(kernel)
+        style_weight, style_bias = cls._style_affine(layer)
+        return _PreparedLayer(
+            kind=layer.kind,
+            kernel=_channels_last(kernel, dtype),
+            blur=_channels_last(layer.blur.kernel, dtype) if layer.blur is not None else None,
+            offset=_channels_last(_noise_and_bias(layer), dtype),
+            style_weight=style_weight,
+            style_bias=style_bias,
+            channels=layer.out_channels,
+        )
+
+    @torch.inference_mode()
+    def __call__(self, wp: torch.Tensor) -> torch.Tensor:
+        """wp (B, L, w_dim) float32 → raw image (B, 3, H, W) float32, like `SynthesisNetwork`.
+
+        Frames are synthesised one at a time: on a few CPU cores a batch is no faster per frame,
+        and one sample lets the norm and modulation run as a single batch-norm call.
+        """
+        return torch.cat([self._one(wp[i : i + 1]) for i in range(wp.shape[0])])
+
+    def _one(self, wp: torch.Tensor) -> torch.Tensor:
+        """(1, L, w_dim) → (1, 3, H, W)."""
+        scale, shift = _scale_and_shift(wp[:, 0], *self._first, self._first_channels)
+        x = _channels_last(self._first_normalized * (scale + 1) + shift, self.dtype)  # (1, C, 4, 4)
+        for index, layer in enumerate(self._layers, start=1):
+            if layer.kind == "nearest_up":
+                x = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), layer.kernel, padding=1)
+            elif layer.kind == "fused_up":
+                x = F.conv_transpose2d(x, layer.kernel, stride=2, padding=1)
+            else:
+                x = F.conv2d(x, layer.kernel, padding=1)
+            if layer.blur is not None:
+                x = F.conv2d(x, layer.blur, padding=1, groups=layer.channels)
+            x = F.leaky_relu_(x.add_(layer.offset), LEAKY_RELU_SLOPE)
+            # Instance norm of one sample is batch norm with batch statistics; its affine step is
+            # the style modulation x·(1 + s) + t. One vectorised pass instead of four.
+            scale, shift = _scale_and_shift(wp[:, index], layer.style_weight, layer.style_bias, layer.channels)
+            x = F.batch_norm(
+                x,
+                None,
+                None,
+                weight=(scale + 1).view(-1).to(self.dtype),
+                bias=shift.reshape(-1).to(self.dtype),
+                training=True,
+                eps=INSTANCE_NORM_EPS,
+            )
+        image = F.conv2d(x, self._rgb_weight).float() + self._rgb_bias
+        return image.contiguous()
+
+
+def _noise_and_bias(layer: SynthesisLayer) -> torch.Tensor:
+    noise = layer.apply_noise
+    return noise.noise * noise.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)  # (1, C, r, r)
+
+
+def _scale_and_shift(
+    w: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The style affine of SPEC A.6.1 step 6, split into its (B, C, 1, 1) scale and shift parts."""
+    style = F.linear(w, weight, bias)  # (B, 2C)
+    scale, shift = style.view(-1, 2, channels, 1, 1).unbind(dim=1)
+    return scale, shift
+
+
+def _channels_last(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to(dtype).contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,128 @@
+"""Dynamic int8 under the LoRA adapters, on the tiny trained stand-ins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModelForCausalLM
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from core.prompts import TASK_SETTINGS, build_request
+from core.types import Task
+from models.layout import TASKS, ModelLayout
+from models.llm import PeftTextGenerator
+from models.quantize import DynamicInt8Linear, compare_logits, prompt_logits, quantize_base_linears
+from models.tiny import ensure_tiny_models, load_examples
+from tests.conftest import REPO_ROOT
+
+PROMPTS_PER_TASK = 6
+
+
+@pytest.fixture(scope="module")
+def layout() -> ModelLayout:
+    return ensure_tiny_models(REPO_ROOT / "data" / "tiny_models")
+
+
+def load(layout: ModelLayout) -> tuple[PeftModelForCausalLM, Any]:
+    """The base in float32 with the four adapters, as models.llm attaches them."""
+    base = AutoModelForCausalLM.from_pretrained(layout.base_model_dir, dtype=torch.float32, local_files_only=True)
+    first = layout.adapter_dir(TASKS[0])
+    model = PeftModelForCausalLM(base, LoraConfig.from_pretrained(str(first)), adapter_name=TASKS[0].value)
+    for task in TASKS:
+        model.load_adapter(layout.adapter_dir(task), adapter_name=task.value)
+    tokenizer = AutoTokenizer.from_pretrained(layout.adapter_dir(Task.OUTPUT_MESSAGE), local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def tiny_prompts() -> list[tuple[Task, str]]:
+    chosen: list[tuple[Task, str]] = []
+    for task in TASKS:
+        prompts = list(dict.fromkeys(example.prompt for example in load_examples() if example.task is task))
+        chosen += [(task, prompt) for prompt in prompts[:PROMPTS_PER_TASK]]
+    return chosen
+
+
+def linears(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear | DynamicInt8Linear)}
+
+
+def test_only_the_base_layers_become_int8(layout: ModelLayout) -> None:
+    model, _ = load(layout)
+    before = linears(model)
+    adapter_weights = {name: p.clone() for name, p in model.named_parameters() if ".lora_" in name}
+    report = quantize_base_linears(model)
+
+    after = linears(model)
+    assert set(after) == set(before)
+    int8 = {name for name, module in after.items() if isinstance(module, DynamicInt8Linear)}
+    assert int8 == {name for name in before if ".lora_" not in name}
+    assert report.layers == len(int8) > 0
+    assert all(type(after[name]) is nn.Linear for name in set(after) - int8)
+    assert report.int8_bytes < report.replaced_bytes / 3  # float32 → int8 plus scales
+    adapters_now = dict(model.named_parameters())
+    assert all(torch.equal(adapters_now[name], value) for name, value in adapter_weights.items())
+
+
+def test_int8_logits_agree_with_the_original_on_tiny_prompts(layout: ModelLayout) -> None:
+    model, tokenizer = load(layout)
+    batches = [(task.value, tokenizer(prompt, return_tensors="pt")["input_ids"]) for task, prompt in tiny_prompts()]
+    reference = prompt_logits(model, batches)
+    quantize_base_linears(model)
+    agreement = compare_logits(reference, prompt_logits(model, batches))
+    assert agreement.positions == sum(ids.shape[1] for _, ids in batches)
+    assert agreement.top1 >= 0.95
+    assert agreement.relative_error < 0.05
+
+
+def test_quantized_model_answers_like_the_original(layout: ModelLayout) -> None:
+    """Greedy answers of all four adapters in one mixed batch, before and after int8."""
+    model, tokenizer = load(layout)
+    requests = [
+        build_request(task, prompt) for task, prompt in tiny_prompts() if TASK_SETTINGS[task].max_total_tokens is None
+    ]
+    before = PeftTextGenerator(model, tokenizer, greedy=True).generate(requests)
+    quantize_base_linears(model)
+    after = PeftTextGenerator(model, tokenizer, greedy=True).generate(requests)
+    same = sum(a[0].text == b[0].text for a, b in zip(before, after, strict=True))
+    assert same >= 0.8 * len(requests)
+
+
+def test_the_adapters_still_decide_after_quantisation(layout: ModelLayout) -> None:
+    """output_message and memory see the same prompt; only their adapters tell them apart."""
+    model, tokenizer = load(layout)
+    quantize_base_linears(model)
+    ids = tokenizer("나 떡볶이 진짜 좋아해 (답변 시작)", return_tensors="pt")["input_ids"]
+    answer, memory = prompt_logits(model, [(Task.OUTPUT_MESSAGE.value, ids), (Task.MEMORY.value, ids)])
+    assert not torch.allclose(answer, memory, atol=1e-2)
+
+
+def test_compare_logits() -> None:
+    reference = [torch.tensor([[1.0, 3.0, 2.0], [0.0, -1.0, 5.0]])]
+    assert compare_logits(reference, reference).top1 == 1.0
+    assert compare_logits(reference, reference).relative_error == 0.0
+    flipped = [torch.tensor([[3.0, 1.0, 2.0], [0.0, -1.0, 5.0]])]
+    agreement = compare_logits(reference, flipped)
+    assert agreement.positions == 2 and agreement.top1 == 0.5 and agreement.relative_error > 0
+    with pytest.raises(ValueError):
+        compare_logits(reference, [torch.zeros(2, 4)])
+    with pytest.raises(ValueError):
+        compare_logits([], [])
+
+
+def test_a_quantised_layer_computes_what_its_weight_says() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = DynamicInt8Linear(linear)
+    assert layer.weight_bytes == 64 * 48 + 4 * 48 + 4 * 48
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(2, 5, 64).to(dtype)
+        out = layer(x)
+        assert out.dtype == dtype and out.shape == (2, 5, 48)
+        expected = linear(x.float())
+        assert (out.float() - expected).norm() / expected.norm() < 0.02
+    # No bias, and an all-zero input (its scale must not divide by zero).
+    unbiased = DynamicInt8Linear(nn.Linear(64, 8, bias=False))
+    assert torch.equal(unbiased(torch.zeros(3, 64)), torch.zeros(3, 8))
