@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from core.config import LlmBackend, ModelProfile, Settings
 from core.engine import Engine, EngineOptions
@@ -126,7 +127,7 @@ def _export_merged(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     if getattr(args, "profile", None):
         overrides["model_profile"] = args.profile
     if getattr(args, "db", None):

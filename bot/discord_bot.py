@@ -385,8 +385,7 @@ def caller_of(interaction: discord.Interaction) -> Caller:
         platform=PLATFORM,
         user_id=str(interaction.user.id),
         chat_id=str(interaction.channel_id),
-        platform_admin=interaction.guild_id is not None
-        and (permissions.manage_guild or permissions.administrator),
+        platform_admin=interaction.guild_id is not None and (permissions.manage_guild or permissions.administrator),
     )
 
 
@@ -473,9 +472,7 @@ class ForgetConfirmation(discord.ui.View):
         return False
 
     @discord.ui.button(label="지우기", style=discord.ButtonStyle.danger)
-    async def confirm(
-        self, interaction: discord.Interaction, button: discord.ui.Button[ForgetConfirmation]
-    ) -> None:
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button[ForgetConfirmation]) -> None:
         if not self._decide():
             await interaction.response.defer()
             return
@@ -483,9 +480,7 @@ class ForgetConfirmation(discord.ui.View):
         await interaction.response.edit_message(content=result.text, view=None)
 
     @discord.ui.button(label="취소", style=discord.ButtonStyle.secondary)
-    async def cancel(
-        self, interaction: discord.Interaction, button: discord.ui.Button[ForgetConfirmation]
-    ) -> None:
+    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button[ForgetConfirmation]) -> None:
         if not self._decide():
             await interaction.response.defer()
             return
@@ -505,9 +500,7 @@ class ForgetConfirmation(discord.ui.View):
         except discord.HTTPException as error:
             logger.debug("Discord: could not retire an expired /forget confirmation: %s", error)
 
-    async def on_error(
-        self, interaction: discord.Interaction, error: Exception, item: discord.ui.Item[Any]
-    ) -> None:
+    async def on_error(self, interaction: discord.Interaction, error: Exception, item: discord.ui.Item[Any]) -> None:
         await report_error(interaction, error)
 
 

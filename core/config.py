@@ -36,12 +36,8 @@ class Settings(BaseSettings):
     discord_token: SecretStr | None = Field(default=None, validation_alias="DISCORD_TOKEN")
     discord_dev_guild_id: int | None = Field(default=None, validation_alias="DISCORD_DEV_GUILD_ID")
     telegram_token: SecretStr | None = Field(default=None, validation_alias="TELEGRAM_TOKEN")
-    telegram_api_base_url: str = Field(
-        default="https://api.telegram.org/bot", validation_alias="TELEGRAM_API_BASE_URL"
-    )
-    admin_ids: Annotated[frozenset[str], NoDecode] = Field(
-        default=frozenset(), validation_alias="OHLORA_ADMIN_IDS"
-    )
+    telegram_api_base_url: str = Field(default="https://api.telegram.org/bot", validation_alias="TELEGRAM_API_BASE_URL")
+    admin_ids: Annotated[frozenset[str], NoDecode] = Field(default=frozenset(), validation_alias="OHLORA_ADMIN_IDS")
 
     model_profile: ModelProfile = Field(default=ModelProfile.REAL, validation_alias="OHLORA_MODEL_PROFILE")
     db_path: Path = Field(default=Path("data/ohlora.sqlite3"), validation_alias="OHLORA_DB_PATH")

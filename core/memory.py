@@ -506,15 +506,11 @@ class SqliteStore(_TypedSettings):
         ]
 
     async def summary(self, conversation_key: str) -> str:
-        rows = await self._fetch(
-            "SELECT text FROM summaries WHERE conversation_key = ?", (conversation_key,)
-        )
+        rows = await self._fetch("SELECT text FROM summaries WHERE conversation_key = ?", (conversation_key,))
         return rows[0]["text"] if rows else ""
 
     async def last_scores(self, user_key: str) -> ExpressionScores | None:
-        rows = await self._fetch(
-            "SELECT eyes, mouth, pose FROM expressions WHERE user_key = ?", (user_key,)
-        )
+        rows = await self._fetch("SELECT eyes, mouth, pose FROM expressions WHERE user_key = ?", (user_key,))
         if not rows:
             return None
         return ExpressionScores(eyes=rows[0]["eyes"], mouth=rows[0]["mouth"], pose=rows[0]["pose"])
@@ -542,9 +538,7 @@ class SqliteStore(_TypedSettings):
             await self._log_turn(conn, turn)
 
     @staticmethod
-    async def _upsert_memory(
-        conn: aiosqlite.Connection, user_key: str, memory: NewMemory, now: float
-    ) -> None:
+    async def _upsert_memory(conn: aiosqlite.Connection, user_key: str, memory: NewMemory, now: float) -> None:
         """Same text (ignoring whitespace): nothing to do; same key: new value; else a new row.
 
         Checking the text first also keeps the unique text index satisfied when a key's row takes
@@ -589,9 +583,7 @@ class SqliteStore(_TypedSettings):
     async def _set_summary(conn: aiosqlite.Connection, turn: TurnRecord) -> None:
         """An empty summary is stored as no row: "none yet" and "reset" are the same state."""
         if not turn.summary:
-            await conn.execute(
-                "DELETE FROM summaries WHERE conversation_key = ?", (turn.conversation_key,)
-            )
+            await conn.execute("DELETE FROM summaries WHERE conversation_key = ?", (turn.conversation_key,))
             return
         await conn.execute(
             "INSERT INTO summaries (conversation_key, user_key, text, updated_at)"
@@ -652,9 +644,7 @@ class SqliteStore(_TypedSettings):
     # settings
 
     async def get_setting(self, scope: str, key: str) -> str | None:
-        rows = await self._fetch(
-            "SELECT value FROM settings WHERE scope = ? AND key = ?", (scope, key)
-        )
+        rows = await self._fetch("SELECT value FROM settings WHERE scope = ? AND key = ?", (scope, key))
         return rows[0]["value"] if rows else None
 
     async def set_setting(self, scope: str, key: str, value: str) -> None:
@@ -670,9 +660,7 @@ class SqliteStore(_TypedSettings):
             await conn.execute("DELETE FROM settings WHERE scope = ? AND key = ?", (scope, key))
 
     async def settings(self, scope: str) -> dict[str, str]:
-        rows = await self._fetch(
-            "SELECT key, value FROM settings WHERE scope = ? ORDER BY key", (scope,)
-        )
+        rows = await self._fetch("SELECT key, value FROM settings WHERE scope = ? ORDER BY key", (scope,))
         return {row["key"]: row["value"] for row in rows}
 
     # admin views
@@ -684,8 +672,7 @@ class SqliteStore(_TypedSettings):
             " (SELECT count(*) FROM memories) AS memories"
         )
         latencies = await self._fetch(
-            "SELECT total_s FROM (SELECT id, total_s FROM turns ORDER BY id DESC LIMIT ?)"
-            " ORDER BY id",
+            "SELECT total_s FROM (SELECT id, total_s FROM turns ORDER BY id DESC LIMIT ?) ORDER BY id",
             (max(window, 0),),
         )
         return StoreStats(
@@ -698,9 +685,7 @@ class SqliteStore(_TypedSettings):
     async def recent_turns(self, user_key: str | None, limit: int) -> list[TurnRow]:
         # A negative LIMIT means "no limit" to SQLite.
         if user_key is None:
-            rows = await self._fetch(
-                "SELECT * FROM turns ORDER BY id DESC LIMIT ?", (max(limit, 0),)
-            )
+            rows = await self._fetch("SELECT * FROM turns ORDER BY id DESC LIMIT ?", (max(limit, 0),))
         else:
             rows = await self._fetch(
                 "SELECT * FROM turns WHERE user_key = ? ORDER BY id DESC LIMIT ?",

@@ -144,9 +144,7 @@ def task_prompt(task: Task, final_input: str, answer: str | None = None) -> str:
     return answer + ANSWER_START
 
 
-def build_request(
-    task: Task, prompt: str, *, num_samples: int = 1, seed: int | None = None
-) -> GenerationRequest:
+def build_request(task: Task, prompt: str, *, num_samples: int = 1, seed: int | None = None) -> GenerationRequest:
     """A generation request carrying the task's published sampling settings."""
     settings = TASK_SETTINGS[task]
     return GenerationRequest(

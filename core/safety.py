@@ -76,9 +76,7 @@ _RULES: list[tuple[regex.Pattern[str], str]] = [
     ),
     # "답변 시작" / "답변 종료" touching a bracket on either side, e.g. "[답변종료]" or "답변 종료)".
     (
-        regex.compile(
-            rf"{_OPEN}{_GAP}{_ANSWER_PHRASE}(?:{_GAP}{_CLOSE})?|{_ANSWER_PHRASE}{_GAP}{_CLOSE}"
-        ),
+        regex.compile(rf"{_OPEN}{_GAP}{_ANSWER_PHRASE}(?:{_GAP}{_CLOSE})?|{_ANSWER_PHRASE}{_GAP}{_CLOSE}"),
         _REMOVE,
     ),
     # Anything shaped like a special token, "<|...|>".
@@ -176,8 +174,7 @@ NOTICES: Mapping[InputProblem, str] = MappingProxyType(
         InputProblem.EMPTY: "오로라에게 하고 싶은 말을 적어 주세요! 기다리고 있을게요 😊",
         # The original's own words (SPEC E.4 step 2), without its terminal-only "[SYSTEM MESSAGE]".
         InputProblem.TOO_LONG: (
-            "너무 긴 질문은 오로라👱‍♀️ 에게 부담 돼요! "
-            "그런 질문은 오로라의 절친 혜나 🌹 (LLM Hyena) 에게 해 주세요! 😢"
+            "너무 긴 질문은 오로라👱‍♀️ 에게 부담 돼요! 그런 질문은 오로라의 절친 혜나 🌹 (LLM Hyena) 에게 해 주세요! 😢"
         ),
         InputProblem.ONLY_MARKERS: (
             "앗, 오로라는 그런 특수 기호만으로는 무슨 말인지 모르겠어요 🥺 평소처럼 말로 이야기해 주세요!"
@@ -187,9 +184,7 @@ NOTICES: Mapping[InputProblem, str] = MappingProxyType(
 """What Oh-LoRA says, in her own casual polite voice, instead of answering a refused input."""
 
 
-def validate_user_text(
-    text: str, count_tokens: Callable[[str], int], max_tokens: int = 48
-) -> InputCheck:
+def validate_user_text(text: str, count_tokens: Callable[[str], int], max_tokens: int = 48) -> InputCheck:
     """Neutralise `text` and say whether it can be answered.
 
     Tokens are counted on the neutralised text because that is what reaches the model; the limit

@@ -122,9 +122,7 @@ class InferenceWorker:
         """
         return await self._submit(run)
 
-    async def _submit(
-        self, run: Callable[[], T] | None, requests: Sequence[GenerationRequest] = ()
-    ) -> Any:
+    async def _submit(self, run: Callable[[], T] | None, requests: Sequence[GenerationRequest] = ()) -> Any:
         if self._thread is None:
             raise RuntimeError("the inference worker is not running")
         loop = asyncio.get_running_loop()

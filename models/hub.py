@@ -317,58 +317,128 @@ VECTORFIND_V7 = PinnedFileSet(
     base_url=f"https://raw.githubusercontent.com/{VECTORFIND_REPOSITORY}/{VECTORFIND_COMMIT}/{VECTORFIND_FOLDER}/",
     target=lambda layout: layout.vectorfind_dir,
     files=(
-        PinnedFile("ohlora_z_vectors.csv", 104711,
-                   "59b13e62d4e21fb2b0d1e4e49d4f1102b0b9d924d9dba70a94cae708c9a2deaa"),
-        PinnedFile("ohlora_w_group_names.csv", 993,
-                   "090f13df0b9ba765858da4fbbb3934b2cd1e5022b0d60ba43b6d7b16f8065c2e"),
-        PinnedFile("property_score_vectors/eyes_change_w_vector_hhh.csv", 8217,
-                   "5caa072ad0ac6be54fcd8040a6c2ab907e31f744a6801c5fa6510d5767ab0641"),
-        PinnedFile("property_score_vectors/eyes_change_w_vector_hhl.csv", 8243,
-                   "107dd11615689bb66be65254456ad4e455e8bd6789fc2a3fb1406b2ac48a42d4"),
-        PinnedFile("property_score_vectors/eyes_change_w_vector_hlh.csv", 8238,
-                   "7ede8a0a9f8d621e5a06e983bd674a52746276dd501c96716dc7f561c96cc113"),
-        PinnedFile("property_score_vectors/eyes_change_w_vector_hll.csv", 8228,
-                   "1c597d23f36839e9547ba1c2c506ff70460156a4037a01f5136c03a37b15f4ea"),
-        PinnedFile("property_score_vectors/eyes_change_w_vector_lhh.csv", 8197,
-                   "262b8e4304daaddd7436573a45c99da22c4556b83eee979d79a56d67f8fb59ee"),
-        PinnedFile("property_score_vectors/eyes_change_w_vector_lhl.csv", 8253,
-                   "7f163a1460f57a0ba497b2492b454b9266884c6c823f99c826b61fd3f72bef55"),
-        PinnedFile("property_score_vectors/eyes_change_w_vector_llh.csv", 8211,
-                   "22528d80cb730f0edc4b28a6c223dde31742e7382648fc253582d8462130ebb5"),
-        PinnedFile("property_score_vectors/eyes_change_w_vector_lll.csv", 8222,
-                   "806dc221624dd3dcb3d38b900b9c07aac59164f218b95b3d22ec474504fcee29"),
-        PinnedFile("property_score_vectors/mouth_change_w_vector_hhh.csv", 8250,
-                   "774f8572832102b08d2654ae92aa5e8d30fc7b6f42dab4d863f3d20ef552ffb7"),
-        PinnedFile("property_score_vectors/mouth_change_w_vector_hhl.csv", 8208,
-                   "009a83fc25964d9dc320f3c40063e041ace62296f6d8bf6b640705ce997be81a"),
-        PinnedFile("property_score_vectors/mouth_change_w_vector_hlh.csv", 8217,
-                   "4f824b6a0ffe843365c8154955dd9522e637ac2eb6df3fa037a6498046dca7df"),
-        PinnedFile("property_score_vectors/mouth_change_w_vector_hll.csv", 8216,
-                   "40c9dac7ca6aa08f21da4e50d01a9c2f7518d9a281f4d40209a7ef859dc1a366"),
-        PinnedFile("property_score_vectors/mouth_change_w_vector_lhh.csv", 8215,
-                   "0a20bfbeff87dcf3c9bd9f8b9b5f6153f3e63a4cb89a544dd33535296b76a41f"),
-        PinnedFile("property_score_vectors/mouth_change_w_vector_lhl.csv", 8230,
-                   "15b976bde1b8996af6fcd710977182f0b5fbde91757f164b755f82ec556db6ad"),
-        PinnedFile("property_score_vectors/mouth_change_w_vector_llh.csv", 8234,
-                   "89d2d8ee2fe4a7567d693c2b82b102a9c095c99acc84c9403ff6061bcedcdc2f"),
-        PinnedFile("property_score_vectors/mouth_change_w_vector_lll.csv", 8218,
-                   "57e0c148f1000d02128d18eb62bcd11ee929f3f8bf3f89599a46755447b93934"),
-        PinnedFile("property_score_vectors/pose_change_w_vector_hhh.csv", 8271,
-                   "28b52a62749b32be3ad356dce7c1c1033717632793c5746d12db4547705753d9"),
-        PinnedFile("property_score_vectors/pose_change_w_vector_hhl.csv", 8260,
-                   "d47a4fe5ce8bd077d79993f26c7c3c2294d175b076f720006ed785457f587b89"),
-        PinnedFile("property_score_vectors/pose_change_w_vector_hlh.csv", 8250,
-                   "1f2f6c8dfe44aebceb0c621c405f1568b18c829d3dfa1a71b88cb67c8f98de59"),
-        PinnedFile("property_score_vectors/pose_change_w_vector_hll.csv", 8258,
-                   "8c3f8cfdc3d92f2ba44be1390c80f17167ef105d526aac8b90ffde0454ff47fd"),
-        PinnedFile("property_score_vectors/pose_change_w_vector_lhh.csv", 8223,
-                   "deaacccb1a9b361adaa366f9d5fe41766063e0f8e15fe4eab70c5c5b346d90b1"),
-        PinnedFile("property_score_vectors/pose_change_w_vector_lhl.csv", 8226,
-                   "5b8c2f971bce2479ff1325d902d850e0c6d94e8ea17fd28d2fce2e44046cc0a2"),
-        PinnedFile("property_score_vectors/pose_change_w_vector_llh.csv", 8251,
-                   "ff1303aa302a8e74c182e247f0e7a9b1e96c8be54897340b8e1dad49d1da029e"),
-        PinnedFile("property_score_vectors/pose_change_w_vector_lll.csv", 8199,
-                   "8860e2dc1f71151d913467f3f2f3f9d961a9a39a7c9d6eabd1c9d14e73d74fae"),
+        PinnedFile("ohlora_z_vectors.csv", 104711, "59b13e62d4e21fb2b0d1e4e49d4f1102b0b9d924d9dba70a94cae708c9a2deaa"),
+        PinnedFile("ohlora_w_group_names.csv", 993, "090f13df0b9ba765858da4fbbb3934b2cd1e5022b0d60ba43b6d7b16f8065c2e"),
+        PinnedFile(
+            "property_score_vectors/eyes_change_w_vector_hhh.csv",
+            8217,
+            "5caa072ad0ac6be54fcd8040a6c2ab907e31f744a6801c5fa6510d5767ab0641",
+        ),
+        PinnedFile(
+            "property_score_vectors/eyes_change_w_vector_hhl.csv",
+            8243,
+            "107dd11615689bb66be65254456ad4e455e8bd6789fc2a3fb1406b2ac48a42d4",
+        ),
+        PinnedFile(
+            "property_score_vectors/eyes_change_w_vector_hlh.csv",
+            8238,
+            "7ede8a0a9f8d621e5a06e983bd674a52746276dd501c96716dc7f561c96cc113",
+        ),
+        PinnedFile(
+            "property_score_vectors/eyes_change_w_vector_hll.csv",
+            8228,
+            "1c597d23f36839e9547ba1c2c506ff70460156a4037a01f5136c03a37b15f4ea",
+        ),
+        PinnedFile(
+            "property_score_vectors/eyes_change_w_vector_lhh.csv",
+            8197,
+            "262b8e4304daaddd7436573a45c99da22c4556b83eee979d79a56d67f8fb59ee",
+        ),
+        PinnedFile(
+            "property_score_vectors/eyes_change_w_vector_lhl.csv",
+            8253,
+            "7f163a1460f57a0ba497b2492b454b9266884c6c823f99c826b61fd3f72bef55",
+        ),
+        PinnedFile(
+            "property_score_vectors/eyes_change_w_vector_llh.csv",
+            8211,
+            "22528d80cb730f0edc4b28a6c223dde31742e7382648fc253582d8462130ebb5",
+        ),
+        PinnedFile(
+            "property_score_vectors/eyes_change_w_vector_lll.csv",
+            8222,
+            "806dc221624dd3dcb3d38b900b9c07aac59164f218b95b3d22ec474504fcee29",
+        ),
+        PinnedFile(
+            "property_score_vectors/mouth_change_w_vector_hhh.csv",
+            8250,
+            "774f8572832102b08d2654ae92aa5e8d30fc7b6f42dab4d863f3d20ef552ffb7",
+        ),
+        PinnedFile(
+            "property_score_vectors/mouth_change_w_vector_hhl.csv",
+            8208,
+            "009a83fc25964d9dc320f3c40063e041ace62296f6d8bf6b640705ce997be81a",
+        ),
+        PinnedFile(
+            "property_score_vectors/mouth_change_w_vector_hlh.csv",
+            8217,
+            "4f824b6a0ffe843365c8154955dd9522e637ac2eb6df3fa037a6498046dca7df",
+        ),
+        PinnedFile(
+            "property_score_vectors/mouth_change_w_vector_hll.csv",
+            8216,
+            "40c9dac7ca6aa08f21da4e50d01a9c2f7518d9a281f4d40209a7ef859dc1a366",
+        ),
+        PinnedFile(
+            "property_score_vectors/mouth_change_w_vector_lhh.csv",
+            8215,
+            "0a20bfbeff87dcf3c9bd9f8b9b5f6153f3e63a4cb89a544dd33535296b76a41f",
+        ),
+        PinnedFile(
+            "property_score_vectors/mouth_change_w_vector_lhl.csv",
+            8230,
+            "15b976bde1b8996af6fcd710977182f0b5fbde91757f164b755f82ec556db6ad",
+        ),
+        PinnedFile(
+            "property_score_vectors/mouth_change_w_vector_llh.csv",
+            8234,
+            "89d2d8ee2fe4a7567d693c2b82b102a9c095c99acc84c9403ff6061bcedcdc2f",
+        ),
+        PinnedFile(
+            "property_score_vectors/mouth_change_w_vector_lll.csv",
+            8218,
+            "57e0c148f1000d02128d18eb62bcd11ee929f3f8bf3f89599a46755447b93934",
+        ),
+        PinnedFile(
+            "property_score_vectors/pose_change_w_vector_hhh.csv",
+            8271,
+            "28b52a62749b32be3ad356dce7c1c1033717632793c5746d12db4547705753d9",
+        ),
+        PinnedFile(
+            "property_score_vectors/pose_change_w_vector_hhl.csv",
+            8260,
+            "d47a4fe5ce8bd077d79993f26c7c3c2294d175b076f720006ed785457f587b89",
+        ),
+        PinnedFile(
+            "property_score_vectors/pose_change_w_vector_hlh.csv",
+            8250,
+            "1f2f6c8dfe44aebceb0c621c405f1568b18c829d3dfa1a71b88cb67c8f98de59",
+        ),
+        PinnedFile(
+            "property_score_vectors/pose_change_w_vector_hll.csv",
+            8258,
+            "8c3f8cfdc3d92f2ba44be1390c80f17167ef105d526aac8b90ffde0454ff47fd",
+        ),
+        PinnedFile(
+            "property_score_vectors/pose_change_w_vector_lhh.csv",
+            8223,
+            "deaacccb1a9b361adaa366f9d5fe41766063e0f8e15fe4eab70c5c5b346d90b1",
+        ),
+        PinnedFile(
+            "property_score_vectors/pose_change_w_vector_lhl.csv",
+            8226,
+            "5b8c2f971bce2479ff1325d902d850e0c6d94e8ea17fd28d2fce2e44046cc0a2",
+        ),
+        PinnedFile(
+            "property_score_vectors/pose_change_w_vector_llh.csv",
+            8251,
+            "ff1303aa302a8e74c182e247f0e7a9b1e96c8be54897340b8e1dad49d1da029e",
+        ),
+        PinnedFile(
+            "property_score_vectors/pose_change_w_vector_lll.csv",
+            8199,
+            "8860e2dc1f71151d913467f3f2f3f9d961a9a39a7c9d6eabd1c9d14e73d74fae",
+        ),
     ),
 )
 
@@ -413,9 +483,7 @@ def layout_problems(
     return problems
 
 
-def verify_layout(
-    layout: ModelLayout, parts: Iterable[Part] = PARTS, *, data: PinnedFileSet = VECTORFIND_V7
-) -> None:
+def verify_layout(layout: ModelLayout, parts: Iterable[Part] = PARTS, *, data: PinnedFileSet = VECTORFIND_V7) -> None:
     """Raise one `ModelFilesMissing` naming every missing or corrupt file and the fixing command.
 
     Checked without loading anything: hub folders hold their required files (non-empty; every
@@ -446,8 +514,7 @@ class ChecksumMismatch(DownloadError):
 
     def __init__(self, path: Path, url: str, expected: str, actual: str) -> None:
         super().__init__(
-            f"{path.name} from {url} has sha256 {actual}, expected {expected}; "
-            f"it was not written to {path}"
+            f"{path.name} from {url} has sha256 {actual}, expected {expected}; it was not written to {path}"
         )
         self.path = path
 
@@ -780,9 +847,7 @@ def format_report(report: DownloadReport) -> str:
     return "\n".join([lines[0], rule, *lines[1:-1], rule, lines[-1]])
 
 
-def run_download(
-    args: argparse.Namespace, *, hub: HubClient | None = None, http: httpx.Client | None = None
-) -> int:
+def run_download(args: argparse.Namespace, *, hub: HubClient | None = None, http: httpx.Client | None = None) -> int:
     """`ohlora download`: 0 when the folder is complete afterwards, 1 otherwise.
 
     `hub` and `http` replace the network in tests.

@@ -225,9 +225,7 @@ class FakeInteraction:
         self.response = FakeResponse(self)
         self.followup = FakeFollowup(self)
 
-    async def edit_original_response(
-        self, *, content: str | None = None, view: discord.ui.View | None = None
-    ) -> None:
+    async def edit_original_response(self, *, content: str | None = None, view: discord.ui.View | None = None) -> None:
         if not self.response.is_done():
             raise RuntimeError("no original response to edit")
         self.shown.append(Shown("edit_original", content, view=view))
@@ -251,9 +249,7 @@ def command_at(tree: app_commands.CommandTree, path: str) -> app_commands.Comman
     return found
 
 
-async def invoke(
-    tree: app_commands.CommandTree, path: str, interaction: FakeInteraction, **arguments: Any
-) -> None:
+async def invoke(tree: app_commands.CommandTree, path: str, interaction: FakeInteraction, **arguments: Any) -> None:
     """Run `/path` as the tree does: the callback, and any exception through `tree.on_error`."""
     command = command_at(tree, path)
     interaction.command = command

@@ -61,9 +61,7 @@ class FakeGenerator:
             threading.Event().wait(self.delay_s)
         if self.fail is not None:
             raise self.fail
-        return [
-            [self._sample(request) for _ in range(request.num_samples)] for request in requests
-        ]
+        return [[self._sample(request) for _ in range(request.num_samples)] for request in requests]
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -128,7 +126,9 @@ class FakeRenderer:
         if self.fail is not None:
             raise self.fail
         face = request.face if request.face is not None else FACES[0]
-        colour = tuple(int(128 + 60 * v) % 256 for v in (request.scores.eyes, request.scores.mouth, request.scores.pose))
+        colour = tuple(
+            int(128 + 60 * v) % 256 for v in (request.scores.eyes, request.scores.mouth, request.scores.pose)
+        )
         buffer = io.BytesIO()
         Image.new("RGB", (4, 4), colour).save(buffer, format="PNG")
         return RenderedFace(data=buffer.getvalue(), mime_type="image/png", face=face)

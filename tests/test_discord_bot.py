@@ -480,9 +480,7 @@ async def test_a_member_without_rights_is_refused_every_admin_command_and_nothin
             id="administrator",
         ),
         pytest.param(lambda: member_interaction(LISTED_ADMIN), id="OHLORA_ADMIN_IDS"),
-        pytest.param(
-            lambda: FakeInteraction(user=LISTED_ADMIN, channel_id=CHANNEL_ID), id="OHLORA_ADMIN_IDS in a DM"
-        ),
+        pytest.param(lambda: FakeInteraction(user=LISTED_ADMIN, channel_id=CHANNEL_ID), id="OHLORA_ADMIN_IDS in a DM"),
     ],
 )
 async def test_an_admin_can_use_every_admin_command(bot: Bot, make_interaction: Any) -> None:
@@ -670,9 +668,7 @@ async def test_a_failing_command_answers_once_with_an_apology_and_logs_the_trace
     assert record.exc_info is not None and "the GPU caught fire" in str(record.exc_info[1])
 
 
-async def test_an_error_before_any_response_is_answered_directly(
-    bot: Bot, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_an_error_before_any_response_is_answered_directly(bot: Bot, caplog: pytest.LogCaptureFixture) -> None:
     interaction = member_interaction(ALICE)
     with caplog.at_level(logging.ERROR, logger="bot.discord_bot"):
         await bot.tree.on_error(interaction, app_commands.NoPrivateMessage())  # type: ignore[arg-type]

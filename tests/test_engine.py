@@ -102,9 +102,7 @@ async def test_summary_and_expression_prompts_use_the_cleaned_answer(harness: Ha
 
 
 async def test_malformed_output_is_retried_up_to_the_spec_limits_then_falls_back() -> None:
-    garbage = FakeGenerator(
-        scripts={task: (lambda request: 'http "nonsense"' + END) for task in Task}
-    )
+    garbage = FakeGenerator(scripts={task: (lambda request: 'http "nonsense"' + END) for task in Task})
     harness = make_harness(generator=garbage)
     try:
         await harness.store.commit_turn(*_seed_summary("telegram:room:alice"))

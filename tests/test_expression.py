@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,7 @@ def test_score_at_the_extremes_of_u(name: str, word: str, low: float, high: floa
 
 
 @pytest.mark.parametrize(("name", "word", "low", "high"), ROWS)
-def test_seeded_scores_stay_in_the_table_range(
-    name: str, word: str, low: float, high: float
-) -> None:
+def test_seeded_scores_stay_in_the_table_range(name: str, word: str, low: float, high: float) -> None:
     rng = random.Random(20250502)
     values = [_component(scores_for(_expression(name, word), rng), name) for _ in range(300)]
     assert all(low - 1e-12 < value <= high + 1e-12 for value in values)
@@ -129,9 +128,7 @@ def test_seeded_generator_gives_the_upstream_arithmetic() -> None:
         ("크게", "많이", -1.8, -1.5),
     ],
 )
-def test_pose_range_follows_the_pose_word_not_the_mouth(
-    mouth: str, pose: str, low: float, high: float
-) -> None:
+def test_pose_range_follows_the_pose_word_not_the_mouth(mouth: str, pose: str, low: float, high: float) -> None:
     for u in (0.0, 0.3, ALMOST_ONE):
         value = scores_for(Expression("보통", mouth, pose), FixedRandom(0.5, 0.5, u)).pose
         assert low - 1e-12 < value <= high + 1e-12
@@ -160,15 +157,14 @@ def test_easing_rises_smoothly_to_exactly_one(frames: int) -> None:
     assert len(weights) == frames
     assert weights[-1] == 1.0
     assert 0.0 < weights[0]
-    assert all(earlier < later for earlier, later in zip(weights, weights[1:]))
+    assert all(earlier < later for earlier, later in pairwise(weights))
     for k in range(1, frames):  # the cosine ease is symmetric: c(t) + c(1 - t) = 1
         assert weights[k - 1] + weights[frames - k - 1] == pytest.approx(1.0, abs=1e-12)
 
 
 def test_easing_is_the_cosine_schedule() -> None:
     assert easing_weights(4) == pytest.approx(
-        [(math.cos(theta) + 1) / 2 for theta in (1.25 * math.pi, 1.5 * math.pi, 1.75 * math.pi)]
-        + [1.0]
+        [(math.cos(theta) + 1) / 2 for theta in (1.25 * math.pi, 1.5 * math.pi, 1.75 * math.pi)] + [1.0]
     )
     assert easing_weights(2)[0] == pytest.approx(0.5)
 
@@ -209,4 +205,4 @@ def test_an_eased_animation_ends_on_the_target() -> None:
     assert frames[-1] == TARGET
     assert frames[0] != START
     eyes = [frame.eyes for frame in frames]
-    assert all(earlier > later for earlier, later in zip(eyes, eyes[1:]))
+    assert all(earlier > later for earlier, later in pairwise(eyes))

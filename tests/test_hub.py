@@ -295,7 +295,9 @@ def test_second_run_fetches_nothing(downloaded: World) -> None:
     assert downloaded.web.requests == []
     assert report.files_fetched == 0
     assert [item.label for item in report.items] == [c.label for c in HUB_COMPONENTS] + ["VectorFind-v7 data"]
-    assert report.total_bytes == sum(path.stat().st_size for path in downloaded.layout.root.rglob("*") if path.is_file())
+    assert report.total_bytes == sum(
+        path.stat().st_size for path in downloaded.layout.root.rglob("*") if path.is_file()
+    )
 
 
 def test_force_fetches_everything_again(downloaded: World) -> None:
@@ -419,7 +421,11 @@ def test_verify_on_an_empty_folder_names_every_file_and_the_command(tmp_path: Pa
     expected = [
         layout.base_model_dir / "config.json",
         layout.base_model_dir / "model.safetensors",
-        *(layout.adapter_dir(task) / name for task in TASKS for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json")),
+        *(
+            layout.adapter_dir(task) / name
+            for task in TASKS
+            for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json")
+        ),
         layout.sbert_dir / "config.json",
         layout.sbert_dir / "model.safetensors",
         layout.generator_path,
@@ -504,9 +510,7 @@ def test_hub_errors_are_classified(error: Exception, transient: bool) -> None:
     assert hub._is_transient_hub_error(error) is transient
 
 
-def test_real_hub_client_asks_for_exactly_the_chosen_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_real_hub_client_asks_for_exactly_the_chosen_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict[str, object]] = []
 
     def snapshot_download(repo_id: str, **kwargs: object) -> str:
@@ -620,7 +624,9 @@ def test_command_reports_a_failed_download(world: World, capsys: pytest.CaptureF
     del world.hub.repos[STYLEGAN_REPO]
 
     with world.web.client() as http:
-        code = run_download(_parse("--models-dir", str(world.layout.root), "--only", "stylegan"), hub=world.hub, http=http)
+        code = run_download(
+            _parse("--models-dir", str(world.layout.root), "--only", "stylegan"), hub=world.hub, http=http
+        )
 
     assert code == 1
     assert STYLEGAN_REPO in capsys.readouterr().err
@@ -661,7 +667,10 @@ def test_reference_csvs_pass_the_check(reference: Path, tmp_path: Path) -> None:
 
 
 def test_real_data_is_fetched_from_the_pinned_commit(reference: Path, tmp_path: Path) -> None:
-    served = {VECTORFIND_V7.url(file): content for file, content in zip(VECTORFIND_V7.files, _reference_csvs(reference).values())}
+    served = {
+        VECTORFIND_V7.url(file): content
+        for file, content in zip(VECTORFIND_V7.files, _reference_csvs(reference).values(), strict=True)
+    }
     web = FakeWeb(served)
     layout = ModelLayout(tmp_path)
 

@@ -21,8 +21,8 @@ from core.memory import (
     SchemaTooNew,
     SqliteStore,
     Store,
-    StoreError,
     StoredMemory,
+    StoreError,
     TurnRecord,
     migrate,
     normalize,
@@ -46,9 +46,7 @@ def embedding(seed: int, dim: int = DIM) -> np.ndarray:
 
 
 def new_memory(key: str, value: str, seed: int = 0, text: str | None = None) -> NewMemory:
-    return NewMemory(
-        key=key, value=value, text=text or f"[{key}: {value}]", embedding=embedding(seed)
-    )
+    return NewMemory(key=key, value=value, text=text or f"[{key}: {value}]", embedding=embedding(seed))
 
 
 def turn(
@@ -155,26 +153,20 @@ async def test_memories_keep_insertion_order(store: Store) -> None:
 
 
 async def test_embeddings_round_trip_exactly_as_float32(store: Store) -> None:
-    vector = np.array(
-        [0.1, -0.0, 1e-45, -3.4028235e38, np.pi, 1 / 3, 7.0, -1e-7], dtype=np.float64
-    )
+    vector = np.array([0.1, -0.0, 1e-45, -3.4028235e38, np.pi, 1 / 3, 7.0, -1e-7], dtype=np.float64)
     await store.commit_turn(turn(), NewMemory("k", "v", "[k: v]", vector))
     vector[:] = 0.0  # the caller's later writes must not reach the stored memory
 
     (stored,) = await store.memories(ALICE)
     assert stored.embedding.dtype == np.float32
-    expected = np.array(
-        [0.1, -0.0, 1e-45, -3.4028235e38, np.pi, 1 / 3, 7.0, -1e-7], dtype=np.float32
-    )
+    expected = np.array([0.1, -0.0, 1e-45, -3.4028235e38, np.pi, 1 / 3, 7.0, -1e-7], dtype=np.float32)
     assert stored.embedding.tobytes() == expected.tobytes()
     assert not stored.embedding.flags.writeable
 
 
 async def test_an_embedding_that_is_not_one_vector_writes_nothing(store: Store) -> None:
     with pytest.raises(ValueError, match="one non-empty vector"):
-        await store.commit_turn(
-            turn(summary="요약"), NewMemory("k", "v", "[k: v]", np.zeros((1, DIM)))
-        )
+        await store.commit_turn(turn(summary="요약"), NewMemory("k", "v", "[k: v]", np.zeros((1, DIM))))
 
     assert await store.memories(ALICE) == []
     assert await store.summary(conversation(ALICE)) == ""
@@ -214,9 +206,7 @@ async def test_last_scores_follow_the_latest_answer(store: Store) -> None:
     assert await store.last_scores(ALICE) == ExpressionScores(-0.2, 0.0, 1.5)
 
 
-async def test_a_failed_turn_writes_nothing(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_failed_turn_writes_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     await store.commit_turn(
         turn(summary="이전 요약", scores=ExpressionScores(1.0, 1.0, 1.0), at=1.0),
         new_memory("취미", "등산", seed=1),
@@ -388,9 +378,7 @@ async def test_turn_time_falls_back_to_the_sum_of_its_stages(store: Store) -> No
 
 async def test_recent_turns_newest_first(store: Store) -> None:
     await store.commit_turn(turn(ALICE, prompt="하나", at=1.0), None)
-    await store.commit_turn(
-        turn(BOB, prompt="둘", at=2.0, expression=Expression("보통", "크게", "없음")), None
-    )
+    await store.commit_turn(turn(BOB, prompt="둘", at=2.0, expression=Expression("보통", "크게", "없음")), None)
     await store.commit_turn(turn(ALICE, prompt="셋", at=3.0, status="error"), None)
 
     everyone = await store.recent_turns(None, 10)
@@ -428,9 +416,7 @@ async def test_concurrent_turns_all_land(store: Store) -> None:
     assert (stats.turns_total, stats.users_total, stats.memories_total) == (50, 5, 50)
     for index, user in enumerate(users):
         memories = await store.memories(user)
-        assert sorted(memory.key for memory in memories) == sorted(
-            f"키 {n}" for n in range(index, 50, len(users))
-        )
+        assert sorted(memory.key for memory in memories) == sorted(f"키 {n}" for n in range(index, 50, len(users)))
         for memory in memories:
             n = int(memory.key.split()[1])
             np.testing.assert_array_equal(memory.embedding, embedding(n))
@@ -592,9 +578,7 @@ async def test_two_processes_writing_the_same_file_both_land(tmp_path: Path) -> 
     async with await SqliteStore.open(path) as first, await SqliteStore.open(path) as second:
 
         async def write(store: SqliteStore, n: int) -> None:
-            await store.commit_turn(
-                turn(f"telegram:{n}", at=float(n)), new_memory("번호", str(n), seed=n)
-            )
+            await store.commit_turn(turn(f"telegram:{n}", at=float(n)), new_memory("번호", str(n), seed=n))
 
         await asyncio.gather(*(write((first, second)[n % 2], n) for n in range(20)))
 

@@ -85,9 +85,7 @@ def test_markers_match_the_spec_text(reference: Path) -> None:
         (Task.EYES_MOUTH_POSE, 32, None, 1.5, 3),
     ],
 )
-def test_task_settings(
-    task: Task, max_new: int, max_total: int | None, temperature: float, attempts: int
-) -> None:
+def test_task_settings(task: Task, max_new: int, max_total: int | None, temperature: float, attempts: int) -> None:
     assert TASK_SETTINGS[task] == TaskSettings(task, max_new, max_total, temperature, attempts)
 
 
@@ -232,9 +230,7 @@ def test_output_message_rejects(text: str, trial: int) -> None:
     ("prompt_tokens", "new_tokens", "accepted"),
     [(60, 30, True), (61, 30, False), (90, 0, True), (40, 56, False)],
 )
-def test_output_message_rejects_long_sequences(
-    prompt_tokens: int, new_tokens: int, accepted: bool
-) -> None:
+def test_output_message_rejects_long_sequences(prompt_tokens: int, new_tokens: int, accepted: bool) -> None:
     result = clean_output_message(gen(" 좋아요!", prompt_tokens, new_tokens), 0)
     assert (result is not None) is accepted
 
@@ -291,13 +287,9 @@ def test_memory_rejects(text: str) -> None:
     assert clean_memory(gen(text), MEMORY_LIMIT) is None
 
 
-@pytest.mark.parametrize(
-    ("new_tokens", "accepted"), [(MEMORY_LIMIT - 1, True), (MEMORY_LIMIT, False)]
-)
+@pytest.mark.parametrize(("new_tokens", "accepted"), [(MEMORY_LIMIT - 1, True), (MEMORY_LIMIT, False)])
 @pytest.mark.parametrize("text", [" [오늘 날씨: 비] (답변 종료)", " "])
-def test_memory_rejects_a_trial_that_hit_the_token_limit(
-    text: str, new_tokens: int, accepted: bool
-) -> None:
+def test_memory_rejects_a_trial_that_hit_the_token_limit(text: str, new_tokens: int, accepted: bool) -> None:
     result = clean_memory(gen(text, new_tokens=new_tokens), MEMORY_LIMIT)
     assert (result is not None) is accepted
 

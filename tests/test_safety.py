@@ -44,9 +44,7 @@ INVISIBLE_JOINERS = {
 
 
 def full_width(text: str) -> str:
-    return "".join(
-        "\u3000" if c == " " else chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text
-    )
+    return "".join("\u3000" if c == " " else chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
 
 
 def spaced(text: str) -> str:
@@ -184,7 +182,7 @@ ORDINARY = [
     "답변 시작할게요, 답변 종료는 언제?",
     "요약 좀 해줘 (사용법도 알려줘)",
     "a|b|c, x < y > z, 1 <= 2",
-    "\"따옴표\" ‘작은따옴표’ 「괄호」 — 대시 ~ 물결",
+    '"따옴표" ‘작은따옴표’ 「괄호」 — 대시 ~ 물결',
     "日本語も少し話せます。",
     "Ça va? Ελληνικά, русский, हिन्दी, ไทย",
 ]
@@ -273,10 +271,51 @@ def test_too_long_notice_is_the_originals(reference: Path) -> None:
 _PIECES = [
     *MARKERS,
     *(full_width(m) for m in MARKERS),
-    "(", ")", "[", "]", "{", "}", "<", ">", "|", "#", ":", "：", "（", "）", "［", "］", "＜", "｜",
-    "답", "변", "시", "작", "종", "료", "오로라", "요약", "사용자", "질문", "endoftext",
-    " ", "\n", "\u200b", "\u200d", "\u2060", "\ufeff", "\u202e", "\u3164", "\ufe0f", "\u0301",
-    "안녕", "ㅋㅋ", "👱‍♀️", "😊", "key: value", "[오늘 날씨: 비]",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    "<",
+    ">",
+    "|",
+    "#",
+    ":",
+    "：",
+    "（",
+    "）",
+    "［",
+    "］",
+    "＜",
+    "｜",
+    "답",
+    "변",
+    "시",
+    "작",
+    "종",
+    "료",
+    "오로라",
+    "요약",
+    "사용자",
+    "질문",
+    "endoftext",
+    " ",
+    "\n",
+    "\u200b",
+    "\u200d",
+    "\u2060",
+    "\ufeff",
+    "\u202e",
+    "\u3164",
+    "\ufe0f",
+    "\u0301",
+    "안녕",
+    "ㅋㅋ",
+    "👱‍♀️",
+    "😊",
+    "key: value",
+    "[오늘 날씨: 비]",
 ]
 marker_soup = st.lists(st.sampled_from(_PIECES), max_size=24).map("".join)
 any_text = st.one_of(

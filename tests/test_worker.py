@@ -65,8 +65,9 @@ async def test_a_failing_merged_batch_is_retried_per_job_so_one_bad_turn_spares_
         release.set()
         await worker.stop()
 
-    assert len(outcome[0]) == 1
-    assert isinstance(outcome[1], ValueError)
+    first, second = outcome
+    assert isinstance(first, list) and len(first) == 1
+    assert isinstance(second, ValueError)
 
 
 async def test_the_event_loop_keeps_running_while_the_model_works() -> None:
