@@ -185,7 +185,7 @@ def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: b
         from bot.console import PromptEcho
 
         generator = PromptEcho(generator, sys.stderr)
-    return InferenceWorker(generator, loaded.embedder, loaded.renderer)
+    return InferenceWorker(generator, loaded.embedder, loaded.renderer, stall_after_s=settings.stall_after_s)
 
 
 def _chat(args: argparse.Namespace) -> int:

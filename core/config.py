@@ -13,6 +13,9 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+STALL_MARGIN_S = 30.0
+"""How much longer than a turn one model call may run before the worker gives up on it."""
+
 
 class ModelProfile(str, Enum):
     REAL = "real"
@@ -55,6 +58,8 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(default=48, ge=1, validation_alias="OHLORA_MAX_PROMPT_TOKENS")
     queue_size: int = Field(default=32, ge=1, validation_alias="OHLORA_QUEUE_SIZE")
     turn_timeout_s: float = Field(default=120.0, gt=0, validation_alias="OHLORA_TURN_TIMEOUT_S")
+    model_stall_s: float | None = Field(default=None, ge=0, validation_alias="OHLORA_MODEL_STALL_S")
+    """Seconds one model call may run before the worker gives up on it; see `stall_after_s`."""
     rate_limit_per_minute: int = Field(default=12, ge=0, validation_alias="OHLORA_RATE_LIMIT_PER_MINUTE")
     memory_threshold: float = Field(default=0.95, validation_alias="OHLORA_MEMORY_THRESHOLD")
     parallel_samples: int = Field(default=3, ge=1, le=15, validation_alias="OHLORA_PARALLEL_SAMPLES")
@@ -80,6 +85,19 @@ class Settings(BaseSettings):
         if self.llm_backend is LlmBackend.VLLM and not self.vllm_url:
             raise ValueError("OHLORA_LLM_BACKEND=vllm needs OHLORA_VLLM_URL (see README, 'Scaling out with vLLM')")
         return self
+
+    @property
+    def stall_after_s(self) -> float | None:
+        """The inference worker's stall limit: unset means the turn timeout + 30 s, 0 means never.
+
+        A call that starts during a turn is never waited on past that turn's deadline, and the
+        LLM stops itself there; 30 s more leaves room for the one decoding step, encode or render
+        in flight. Any less risks abandoning an honest call, whose thread may still be using the
+        models when its replacement starts (see `InferenceWorker`).
+        """
+        if self.model_stall_s is None:
+            return self.turn_timeout_s + STALL_MARGIN_S
+        return self.model_stall_s or None
 
     @property
     def default_face(self) -> int | None:

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from core import prompts
@@ -143,9 +143,13 @@ class Engine:
         return await self._worker.render(FaceRequest(face=face, scores=scores))
 
     async def _guarded_turn(self, message: IncomingMessage) -> Reply:
+        """The turn under its deadline; any failure (a model that raised or stalled) is an apology."""
         timer = _Timer()
+        # The instant the turn is given up on, read on time.monotonic() (asyncio's timeouts run on
+        # that clock too): generators stop there instead of finishing work nobody will wait for.
+        deadline = time.monotonic() + self._options.turn_timeout_s
         try:
-            return await asyncio.wait_for(self._turn(message, timer), self._options.turn_timeout_s)
+            return await asyncio.wait_for(self._turn(message, timer, deadline), self._options.turn_timeout_s)
         except TimeoutError:
             logger.warning("turn of %s passed the %.0f s deadline", message.user_key, self._options.turn_timeout_s)
             await self._log_failed_turn(message, "timeout", timer)
@@ -155,7 +159,7 @@ class Engine:
             await self._log_failed_turn(message, "error", timer)
             return Reply(text=ERROR_TEXT, kind=ReplyKind.ERROR, timings=timer.timings)
 
-    async def _turn(self, message: IncomingMessage, timer: _Timer) -> Reply:
+    async def _turn(self, message: IncomingMessage, timer: _Timer, deadline: float) -> Reply:
         with timer.stage("validate"):
             check = await self._worker.call(
                 lambda: validate_user_text(
@@ -174,13 +178,13 @@ class Engine:
         with timer.stage("answer"):
             answer_run = self._task_run(Task.OUTPUT_MESSAGE, final_input, prompts.clean_output_message)
             memory_run = self._task_run(Task.MEMORY, final_input, _memory_cleaner())
-            await self._run_tasks([answer_run, memory_run])
+            await self._run_tasks([answer_run, memory_run], deadline)
         answer = answer_run.result_or(prompts.FALLBACK_OUTPUT_MESSAGE)
 
         with timer.stage("reflect"):
             summary_run = self._task_run(Task.SUMMARY, final_input, _summary_cleaner(), answer)
             expression_run = self._task_run(Task.EYES_MOUTH_POSE, final_input, _expression_parser, answer)
-            await self._run_tasks([summary_run, expression_run])
+            await self._run_tasks([summary_run, expression_run], deadline)
         new_summary = summary_run.result_or(prompts.FALLBACK_SUMMARY)
         expression = expression_run.result_or(prompts.FALLBACK_EXPRESSION)
         scores = scores_for(expression, self._rng)
@@ -249,16 +253,20 @@ class Engine:
             attempts_left=prompts.TASK_SETTINGS[task].attempts,
         )
 
-    async def _run_tasks(self, runs: Sequence[_TaskRun[Any]]) -> None:
+    async def _run_tasks(self, runs: Sequence[_TaskRun[Any]], deadline: float) -> None:
         """Draw candidates for every unfinished task in one batched call per round.
 
         Each round asks for up to `parallel_samples` candidates per task, taken in order as the
         original's successive trials were, so the SPEC's trial budgets and first-trial rule hold.
+        Every request carries the turn's deadline, so a generator can stop when the turn gives up.
         """
         while pending := [run for run in runs if run.result is None and run.attempts_left > 0]:
             requests: list[GenerationRequest] = [
-                prompts.build_request(
-                    run.task, run.prompt, num_samples=min(self._options.parallel_samples, run.attempts_left)
+                replace(
+                    prompts.build_request(
+                        run.task, run.prompt, num_samples=min(self._options.parallel_samples, run.attempts_left)
+                    ),
+                    deadline=deadline,
                 )
                 for run in pending
             ]

@@ -31,6 +31,11 @@ class GenerationRequest:
     that way upstream); the generator stops a sequence at whichever limit comes first, or right
     after the "(답변 종료)" end marker. `num_samples` independent sampled sequences come back, so
     that retry candidates can be drawn in one batched call instead of one after another.
+
+    `deadline` is a `time.monotonic()` instant after which nobody waits for the answer (the
+    turn's own deadline). A generator may stop early there and return what it has so far, even
+    empty samples: whatever it returns after the deadline is thrown away, and stopping frees the
+    model for the turns still waiting.
     """
 
     task: Task
@@ -40,6 +45,7 @@ class GenerationRequest:
     max_total_tokens: int | None = None
     num_samples: int = 1
     seed: int | None = None
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)

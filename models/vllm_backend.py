@@ -21,7 +21,9 @@ text counted with the local tokenizer.
 
 `generate` is called synchronously from the inference worker's thread; the requests of one call
 go out concurrently from a small thread pool, so the server batches them with everything else it
-is serving. Tokenizing stays on the calling thread.
+is serving. Tokenizing stays on the calling thread. A request's deadline bounds the wait for its
+answer: past it, its samples come back empty (nobody waits for them any more) while the other
+requests of the call are answered as usual, so one stalled server cannot hold the worker up.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import shlex
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -214,7 +217,10 @@ class VllmTextGenerator:
             for plan in plans
         ]
         try:
-            responses = [None if future is None else future.result() for future in futures]
+            responses = [
+                None if future is None else self._answer(plan, future)
+                for plan, future in zip(plans, futures, strict=True)
+            ]
         except BaseException:
             for future in futures:
                 if future is not None:
@@ -276,6 +282,22 @@ class VllmTextGenerator:
         if request.max_total_tokens is not None:
             max_tokens = min(max_tokens, request.max_total_tokens - prompt_tokens)
         return _Plan(request, self._endpoints[request.task], prompt_tokens, max(max_tokens, 0))
+
+    def _answer(self, plan: _Plan, future: Future[Json]) -> Json | None:
+        """The server's answer, or None (empty samples) when it has not come by the request's deadline.
+
+        Only the wait is cut short: the exchange runs on in the pool, bounded by the client's
+        timeout and retries.
+        """
+        deadline = plan.request.deadline
+        if deadline is None:
+            return future.result()
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            future.cancel()
+            logger.warning("no answer from %s for %s by the turn's deadline", plan.url, plan.request.task.value)
+            return None
 
     def _read(self, plan: _Plan, body: Json | None) -> list[Generation]:
         if body is None:

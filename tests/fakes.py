@@ -152,6 +152,7 @@ def make_harness(
     renderer: FakeRenderer | None = None,
     options: EngineOptions | None = None,
     seed: int = 0,
+    stall_after_s: float | None = None,
 ) -> Harness:
     """A started worker and an engine over fakes; the caller stops the worker."""
     import random
@@ -160,7 +161,7 @@ def make_harness(
     embedder = embedder or FakeEmbedder()
     renderer = renderer or FakeRenderer()
     store = store or InMemoryStore()
-    worker = InferenceWorker(generator, embedder, renderer)
+    worker = InferenceWorker(generator, embedder, renderer, stall_after_s=stall_after_s)
     worker.start()
     engine = Engine(worker, store, options or EngineOptions(), rng=random.Random(seed))
     return Harness(engine, worker, store, generator, embedder, renderer)

@@ -56,3 +56,16 @@ def test_face_must_be_a_number_or_random() -> None:
     assert Settings(_env_file=None, face="127").default_face == 127  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
         Settings(_env_file=None, face="pretty")  # type: ignore[call-arg]
+
+
+def test_the_model_stall_limit_follows_the_turn_timeout_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=EXAMPLE).stall_after_s == 150.0  # type: ignore[call-arg]
+    assert Settings(_env_file=None, turn_timeout_s=20).stall_after_s == 50.0  # type: ignore[call-arg]
+
+    monkeypatch.setenv("OHLORA_MODEL_STALL_S", "300")
+    assert Settings(_env_file=None).stall_after_s == 300.0  # type: ignore[call-arg]
+    monkeypatch.setenv("OHLORA_MODEL_STALL_S", "0")
+    assert Settings(_env_file=None).stall_after_s is None  # type: ignore[call-arg]
+    monkeypatch.setenv("OHLORA_MODEL_STALL_S", "-1")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)  # type: ignore[call-arg]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -218,6 +219,37 @@ async def test_the_deadline_still_answers_and_stores_nothing_but_the_log() -> No
     assert await harness.store.memories("telegram:alice") == []
     turns = await harness.store.recent_turns("telegram:alice", 10)
     assert [turn.status for turn in turns] == ["timeout"]
+
+
+async def test_every_generation_request_carries_the_turns_deadline(harness: Harness) -> None:
+    timeout_s = EngineOptions().turn_timeout_s
+    before = time.monotonic()
+    await harness.engine.reply(message("나 떡볶이 좋아해"))
+    after = time.monotonic()
+
+    deadlines = {request.deadline for call in harness.generator.calls for request in call}
+    assert len(harness.generator.calls) == 2 and len(deadlines) == 1, "one turn, one deadline"
+    [deadline] = deadlines
+    assert deadline is not None and before + timeout_s <= deadline <= after + timeout_s
+
+
+async def test_a_stalled_model_call_gets_the_error_apology_and_stores_nothing_but_the_log() -> None:
+    release = threading.Event()
+    harness = make_harness(generator=FakeGenerator(release=release), stall_after_s=0.3)
+    try:
+        reply = await harness.engine.reply(message("나 떡볶이 좋아해"))
+        memories = await harness.store.memories("telegram:alice")
+        summary = await harness.store.summary("telegram:room:alice")
+        turns = await harness.store.recent_turns("telegram:alice", 10)
+        release.set()
+        recovered = await harness.engine.reply(message("나 떡볶이 좋아해"))
+    finally:
+        release.set()
+        await harness.worker.stop()
+
+    assert reply.kind is ReplyKind.ERROR and reply.text == ERROR_TEXT
+    assert (memories, summary, [turn.status for turn in turns]) == ([], "", ["error"])
+    assert recovered.kind is ReplyKind.ANSWER, "the worker did not recover from the stalled call"
 
 
 async def test_a_failing_model_answers_politely_and_loses_nothing(harness: Harness) -> None:

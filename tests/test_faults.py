@@ -30,6 +30,8 @@ FAULTS_IN_A_ROW = 15
 DEADLINE_S = 0.3
 HANG_S = 1.0
 """Well past the deadline, but finite, as a slow backend or an HTTP timeout would be."""
+STALL_S = 0.2
+"""The watchdog's limit in the hang test: far above an honest fake call, far below the deadline."""
 MEMORY_RULES = {"떡볶이": "[좋아하는 음식: 떡볶이]", "축구": "[취미: 축구]"}
 
 JUNK: dict[Task, tuple[str, ...]] = {
@@ -194,7 +196,7 @@ async def test_an_adapter_failing_fifteen_times_in_a_row(
 
     assert [expected_fault_reply(task, fault, reply) for reply in faulty_replies] == [True] * FAULTS_IN_A_ROW
     if fault is Fault.HANGS:
-        # The worker is one thread: a held-up call holds up everyone behind it (see the next test).
+        # Without a watchdog a held-up call holds up everyone behind it (see the next test).
         assert all(polite(reply) for reply in healthy_replies)
     else:
         assert all(reply.kind is ReplyKind.ANSWER for reply in healthy_replies)
@@ -221,20 +223,16 @@ async def test_an_adapter_failing_fifteen_times_in_a_row(
     assert (await engine.reply(message(HEALTHY, "축구 좋아하는 거 기억해?"))).kind is ReplyKind.ANSWER
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: one inference thread owns the models, so a model call that hangs holds up "
-    "everyone's turns until it returns (the deadline still answers each user); needs a watchdog that "
-    "abandons a stuck call, see issue 5",
-)
 async def test_another_user_is_answered_while_an_adapter_hangs(
     adapters: list[FaultyAdapter], harnesses: list[Harness]
 ) -> None:
-    """While one user's memory request is held up past the deadline, another user's whole turn
-    goes through; the held-up user gets an apology."""
+    """While one user's memory request hangs, the worker's watchdog gives up on that call: the
+    held-up user gets an apology, and another user's whole turn goes through on a fresh thread."""
     adapter = FaultyAdapter(Task.MEMORY, Fault.HANGS, active=True, hang_s=30.0)
     adapters.append(adapter)
-    harness = make_harness(generator=adapter.generator(), options=EngineOptions(turn_timeout_s=1.0))
+    harness = make_harness(
+        generator=adapter.generator(), options=EngineOptions(turn_timeout_s=5.0), stall_after_s=STALL_S
+    )
     harnesses.append(harness)
 
     held_up = asyncio.create_task(harness.engine.reply(message(FAULTY, f"{TRIGGER} 안녕")))

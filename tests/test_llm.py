@@ -152,6 +152,35 @@ def test_length_limits(greedy: PeftTextGenerator) -> None:
     assert nothing == Generation(text="", prompt_tokens=full.prompt_tokens, new_tokens=0)
 
 
+class _TickingClock:
+    """A monotonic clock that moves one second each time it is read."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_request_stops_at_its_deadline_and_its_neighbours_do_not(
+    greedy: PeftTextGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = Task.SUMMARY
+    (full,) = solo(greedy, greedy_request(task))
+    clock = _TickingClock()
+    monkeypatch.setattr("models.llm.time.monotonic", clock)
+
+    (expired,) = solo(greedy, greedy_request(task, deadline=clock.now))
+    assert expired == Generation(text="", prompt_tokens=full.prompt_tokens, new_tokens=0)
+
+    # The clock is read once when the request is admitted and once per decoding step.
+    hurried, patient = greedy.generate([greedy_request(task, deadline=clock.now + 4), greedy_request(task)])
+    assert hurried[0].new_tokens == 3 < full.new_tokens
+    assert full.text.startswith(hurried[0].text)
+    assert patient == [full]
+
+
 def test_samples_and_empty_requests(greedy: PeftTextGenerator) -> None:
     results = greedy.generate([greedy_request(Task.MEMORY, num_samples=3), greedy_request(Task.SUMMARY, num_samples=0)])
     assert [len(samples) for samples in results] == [3, 0]

@@ -12,7 +12,9 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from models.vllm_backend import (
     merged_url_setting,
     parse_endpoints,
 )
-from tests.fake_openai_api import END, FakeOpenAIServer, Sample
+from tests.fake_openai_api import END, FakeOpenAIServer, Sample, echo_responder
 from tests.fakes import FakeEmbedder, FakeRenderer
 
 pytestmark = pytest.mark.filterwarnings(
@@ -286,6 +288,32 @@ def test_the_requests_of_one_call_are_in_flight_together(layout: ModelLayout, fa
         with load_vllm_generator(layout, server.base_url, retry=RetryPolicy(attempts=1)) as backend:
             results = backend.generate([build_request(task, "안녕 (답변 시작)") for task in TASKS])
     assert [len(samples) for samples in results] == [1, 1, 1, 1]
+
+
+def test_past_its_deadline_a_request_comes_back_empty_and_the_others_are_answered(
+    layout: ModelLayout, fake_vllm: ServerFactory
+) -> None:
+    """A server that has not answered by the turn's deadline does not hold up the worker."""
+    answer_late = threading.Event()
+
+    def responder(body: dict, index: int) -> Sample:
+        if body["prompt"].startswith("늦게"):
+            answer_late.wait(timeout=30)
+        return echo_responder(body, index)
+
+    expired = replace(build_request(Task.MEMORY, "늦게 (답변 시작)", num_samples=2), deadline=time.monotonic())
+    in_time = replace(build_request(Task.SUMMARY, "안녕 (답변 시작)"), deadline=time.monotonic() + 600)
+    no_deadline = build_request(Task.OUTPUT_MESSAGE, "안녕 (답변 시작)")
+    with fake_vllm(responder=responder) as server:
+        with load_vllm_generator(layout, server.base_url, retry=NO_WAIT) as backend:
+            try:
+                late, summary, answer = backend.generate([expired, in_time, no_deadline])
+            finally:
+                answer_late.set()
+
+    assert [(g.text, g.new_tokens) for g in late] == [("", 0), ("", 0)]
+    assert [g.text for g in summary] == [f" summary|안녕 (답변 시작)|0{END}"]
+    assert [g.text for g in answer] == [f" output_message|안녕 (답변 시작)|0{END}"]
 
 
 def test_new_tokens_without_token_ids_use_usage_then_the_limit_then_the_tokenizer(

@@ -1,12 +1,17 @@
-"""The inference worker: off the event loop, and merging waiting generation jobs into one batch."""
+"""The inference worker: off the event loop, merging waiting generation jobs, giving up on a hung call."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from core.types import GenerationRequest, Task
-from core.worker import InferenceWorker
+import pytest
+
+from core.types import Generation, GenerationRequest, Task
+from core.worker import InferenceWorker, ModelStalled
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeRenderer
 
 
@@ -90,3 +95,154 @@ async def test_the_event_loop_keeps_running_while_the_model_works() -> None:
         await worker.stop()
 
     assert ticks >= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# The watchdog: a call that hangs is given up on, and the queue keeps moving
+# ---------------------------------------------------------------------------------------------
+
+STALL_S = 0.3
+"""Far above what the fakes' honest calls take, and short enough to keep the tests fast."""
+
+
+@dataclass
+class Gate:
+    """Holds a model call until opened, and says when one has reached it."""
+
+    reached: threading.Event = field(default_factory=threading.Event)
+    opened: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self) -> str:
+        self.reached.set()
+        self.opened.wait(timeout=30)
+        return "late"
+
+    async def wait_reached(self) -> None:
+        assert await asyncio.to_thread(self.reached.wait, 10), "the call never reached the gate"
+
+
+@dataclass
+class GatedGenerator(FakeGenerator):
+    """A call holding a prompt that names a gate waits at that gate, then answers as usual."""
+
+    gates: dict[str, Gate] = field(default_factory=dict)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
+        for gate in [self.gates[r.prompt] for r in requests if r.prompt in self.gates]:
+            gate()
+        return super().generate(requests)
+
+
+def watched_worker(generator: FakeGenerator | None = None, *, max_abandoned: int = 2) -> InferenceWorker:
+    worker = InferenceWorker(
+        generator or FakeGenerator(), FakeEmbedder(), FakeRenderer(), stall_after_s=STALL_S, max_abandoned=max_abandoned
+    )
+    worker.start()
+    return worker
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait for something another thread does; a bug shows as a failure, not a hung test run."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"after 10 s, still not: {what}")
+
+
+async def test_a_stalled_merged_call_fails_its_jobs_and_the_next_job_is_served() -> None:
+    hold, hang = Gate(), Gate()
+    generator = GatedGenerator(gates={"hang": hang})
+    worker = watched_worker(generator)
+    try:
+        holder = asyncio.create_task(worker.call(hold))
+        await hold.wait_reached()
+        stalled = [asyncio.create_task(worker.generate([request(p)])) for p in ("hang", "neighbour")]
+        await eventually(lambda: worker.pending() == 2, "both jobs queued")
+        hold.opened.set()
+        await holder
+        outcomes = await asyncio.gather(*stalled, return_exceptions=True)
+        later = await worker.generate([request("later")])
+        embedding = await worker.encode(["음식"])
+    finally:
+        hang.opened.set()
+        await worker.stop()
+
+    # The hung call is recorded when it returns, after the later one.
+    assert sorted([r.prompt for r in call] for call in generator.calls) == [["hang", "neighbour"], ["later"]]
+    assert all(isinstance(outcome, ModelStalled) for outcome in outcomes), outcomes
+    assert "later" in later[0][0].text
+    assert embedding.shape[0] == 1
+
+
+async def test_the_late_result_of_an_abandoned_call_is_discarded() -> None:
+    """The abandoned call returns while the next call is in hand: only that call's own answer lands."""
+    hang, hold = Gate(), Gate()
+    generator = GatedGenerator(gates={"hang": hang, "next": hold})
+    # One abandoned thread at most: while the hung call lives, "next" cannot be given up on.
+    worker = watched_worker(generator, max_abandoned=1)
+    try:
+        with pytest.raises(ModelStalled):
+            await worker.generate([request("hang")])
+        following = asyncio.create_task(worker.generate([request("next")]))
+        await hold.wait_reached()
+        hang.opened.set()
+        await eventually(lambda: worker.abandoned_threads == 0, "the abandoned thread ended")
+        hold.opened.set()
+        [[answer]] = await following
+    finally:
+        hang.opened.set()
+        hold.opened.set()
+        await worker.stop()
+
+    assert "next" in answer.text and "hang" not in answer.text
+    assert [[r.prompt for r in call] for call in generator.calls] == [["hang"], ["next"]]
+    assert worker.batches_run == 1, "the abandoned call's result was counted as served"
+
+
+async def test_past_the_cap_on_abandoned_threads_jobs_wait_for_the_stuck_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = Gate(), Gate()
+    worker = watched_worker(max_abandoned=1)
+    try:
+        with pytest.raises(ModelStalled):
+            await worker.call(first)
+        stuck = asyncio.create_task(worker.call(second))
+        waiting = asyncio.create_task(worker.encode(["음식"]))
+        await eventually(lambda: any("still running" in r.getMessage() for r in caplog.records), "the cap logged")
+        assert not stuck.done() and not waiting.done()
+        assert worker.abandoned_threads == 1
+
+        first.opened.set()  # the abandoned call returns: its slot frees, and the stuck one is given up on
+        with pytest.raises(ModelStalled):
+            await stuck
+        assert (await waiting).shape[0] == 1
+    finally:
+        first.opened.set()
+        second.opened.set()
+        await worker.stop()
+
+    capped = [record for record in caplog.records if "still running" in record.getMessage()]
+    assert [record.levelno for record in capped] == [logging.ERROR]
+
+
+async def test_stop_returns_while_an_abandoned_call_still_hangs() -> None:
+    hang = Gate()
+    worker = watched_worker()
+    try:
+        stalled = asyncio.create_task(worker.call(hang))
+        await hang.wait_reached()
+        await worker.stop()  # the call in hand is given up on; its replacement takes the stop
+
+        with pytest.raises(ModelStalled):
+            await stalled
+        assert worker.abandoned_threads == 1 and not hang.opened.is_set()
+    finally:
+        hang.opened.set()
+    await eventually(lambda: worker.abandoned_threads == 0, "the abandoned thread ended")
+
+
+def test_the_stall_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="stall_after_s"):
+        InferenceWorker(FakeGenerator(), FakeEmbedder(), FakeRenderer(), stall_after_s=0)
