@@ -1,8 +1,9 @@
 """Our side: the real engine, worker, LLM, encoder and renderer, timed turn by turn.
 
-The models load the way the product loads them, plus the two speed choices this benchmark
-argues for: dynamic int8 under the LoRA adapters (`models.quantize`) and the prepared face
-synthesis (`models.stylegan.PreparedSynthesis`, bfloat16 where the CPU computes it natively).
+The models load exactly as the product loads them with its default settings
+(`models.runtime.load_models`): on a CPU with int8 and bfloat16 in hardware that is int8 base
+weights under the LoRA adapters (`models.quantize`) and the prepared bfloat16 face synthesis
+(`models.stylegan.PreparedSynthesis`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModelForCausalLM
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.config import Profile
 from bench.measure import GemvProbe, interleaved, peak_rss_bytes, reset_peak_rss
@@ -37,12 +36,11 @@ from core.memory import InMemoryStore, NewMemory, TurnRecord
 from core.prompts import parse_memory_line
 from core.types import IDLE_SCORES, ExpressionScores, FaceRequest, GenerationRequest, IncomingMessage, ReplyKind, Task
 from core.worker import InferenceWorker
-from models.device import cpu_has_fast_bfloat16
-from models.face import Precision, StyleGanFaceRenderer
+from models.face import StyleGanFaceRenderer
 from models.layout import TASKS, ModelLayout
 from models.llm import PeftTextGenerator
-from models.quantize import DynamicInt8Linear, quantize_base_linears
-from models.sbert import load_embedder
+from models.quantize import DynamicInt8Linear, int8_report
+from models.runtime import load_models
 from models.stylegan import Generator, load_generator, to_uint8
 from models.vectorfind import FaceBank
 
@@ -51,23 +49,6 @@ logger = logging.getLogger(__name__)
 ANSWER_SCORES = ExpressionScores(eyes=-0.45, mouth=-1.2, pose=-0.2)
 """An answer's expression (eyes and mouth "보통" to "크게") for the face timings."""
 DECODE_ROUNDS = 5
-
-
-def face_precision() -> Precision:
-    return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
-
-
-def load_peft_model(layout: ModelLayout) -> tuple[PeftModelForCausalLM, Any]:
-    """Base in bfloat16 with the four adapters, attached as `models.llm.load_text_generator` does."""
-    base = AutoModelForCausalLM.from_pretrained(layout.base_model_dir, dtype=torch.bfloat16, local_files_only=True)
-    first = layout.adapter_dir(TASKS[0])
-    model = PeftModelForCausalLM(
-        base, LoraConfig.from_pretrained(str(first)), adapter_name=TASKS[0].value, low_cpu_mem_usage=True
-    )
-    for task in TASKS:
-        model.load_adapter(layout.adapter_dir(task), adapter_name=task.value, low_cpu_mem_usage=True)
-    tokenizer = AutoTokenizer.from_pretrained(layout.adapter_dir(Task.OUTPUT_MESSAGE), local_files_only=True)
-    return model.eval(), tokenizer
 
 
 def decode_step_bytes(model: torch.nn.Module) -> int:
@@ -112,17 +93,14 @@ def measure_ours(layout: ModelLayout, profile: Profile) -> dict[str, Any]:
     workload), and all users at once. The component timings come last: their probe matrices
     are not part of the service.
     """
-    started = time.perf_counter()
-    model, tokenizer = load_peft_model(layout)
-    quantization = quantize_base_linears(model)
-    text_generator = PeftTextGenerator(model, tokenizer)
-    embedder = load_embedder(layout, device="cpu")
-    face_generator = load_generator(layout.generator_path)
     bank = FaceBank.from_layout(layout)
     face = bank.face_numbers()[0]
-    precision = face_precision()
-    renderer = StyleGanFaceRenderer(face_generator, bank, default_face=face, precision=precision)
+    started = time.perf_counter()
+    loaded = load_models(layout, device="cpu", default_face=face, verify=False)
     load_s = time.perf_counter() - started
+    text_generator, embedder, renderer = loaded.generator, loaded.embedder, loaded.renderer
+    if not isinstance(text_generator, PeftTextGenerator) or not isinstance(renderer, StyleGanFaceRenderer):
+        raise TypeError("the bench measures the local PEFT generator and the StyleGAN renderer")
     logger.info("ours: loaded in %.1f s", load_s)
 
     memories = memory_lines(profile.memories)
@@ -143,17 +121,18 @@ def measure_ours(layout: ModelLayout, profile: Profile) -> dict[str, Any]:
     session = asyncio.run(_serve(service, messages[0], messages[1:], profile))
 
     prompt = session["replay"][0]["requests"][0]["prompt"]
-    decode_bytes = decode_step_bytes(model)
+    decode_bytes = decode_step_bytes(text_generator.model)
     decode = _decode_speed(text_generator, prompt, profile.decode_tokens, GemvProbe(decode_bytes))
-    faces = _face_speed(renderer, face_generator, bank, face, profile.face_frames)
-    fidelity = _pixel_difference(renderer, StyleGanFaceRenderer(face_generator, bank), face)
+    reference = load_generator(layout.generator_path)
+    faces = _face_speed(renderer, reference, bank, face, profile.face_frames)
+    fidelity = _pixel_difference(renderer, StyleGanFaceRenderer(reference, bank), face)
     return {
         **session,
         "load_s": load_s,
         "peak_rss_bytes": service.peaks,
         "decode": {**decode, "weight_bytes": decode_bytes},
-        "face": {**faces, **fidelity, "precision": precision},
-        "quantization": asdict(quantization),
+        "face": {**faces, **fidelity, "precision": renderer.precision},
+        "quantization": asdict(int8_report(text_generator.model)),
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -175,6 +175,8 @@ def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: b
         layout,
         device=settings.device,
         dtype=settings.dtype,
+        llm_int8=settings.llm_int8,
+        face_precision=settings.face_precision,
         seed=seed,
         default_face=settings.default_face,
         verify=not tiny,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,6 +25,10 @@ class ModelProfile(str, Enum):
 class LlmBackend(str, Enum):
     LOCAL = "local"
     VLLM = "vllm"
+
+
+Switch = Literal["auto", "on", "off"]
+FacePrecision = Literal["auto", "exact", "float32", "bfloat16"]
 
 
 class Settings(BaseSettings):
@@ -52,6 +56,8 @@ class Settings(BaseSettings):
     vllm_timeout_s: float = Field(default=60.0, gt=0, validation_alias="OHLORA_VLLM_TIMEOUT_S")
     device: str = Field(default="auto", validation_alias="OHLORA_DEVICE")
     dtype: str = Field(default="auto", validation_alias="OHLORA_DTYPE")
+    llm_int8: Switch = Field(default="auto", validation_alias="OHLORA_LLM_INT8")
+    face_precision: FacePrecision = Field(default="auto", validation_alias="OHLORA_FACE_PRECISION")
     face: str = Field(default="random", validation_alias="OHLORA_FACE")
     animate_faces: bool = Field(default=False, validation_alias="OHLORA_ANIMATE")
 

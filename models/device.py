@@ -39,6 +39,25 @@ def cpu_has_fast_bfloat16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def cpu_has_fast_int8() -> bool:
+    """True when this CPU has int8 dot-product instructions (VNNI or AMX), which oneDNN's int8 uses."""
+    return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_int8(setting: str, device: torch.device) -> bool:
+    """Whether the base model's linear layers run in int8 ("auto": on a CPU that has int8 in hardware).
+
+    The int8 kernels are oneDNN's CPU ones; on a GPU the base model stays in its float dtype.
+    """
+    if setting == "auto":
+        return device.type == "cpu" and cpu_has_fast_int8()
+    if setting not in ("on", "off"):
+        raise ValueError(f"unknown int8 setting {setting!r}; choose auto, on or off")
+    if setting == "on" and device.type != "cpu":
+        raise ValueError(f"int8 base weights run on the CPU only, not on {device}; set OHLORA_LLM_INT8=off")
+    return setting == "on"
+
+
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     """For "auto", bfloat16 (what the adapters were trained in) wherever it is fast, else float32."""
     if setting != "auto":

@@ -18,7 +18,7 @@ import io
 import logging
 import random
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from PIL import Image
 
 from core.expression import easing_weights, interpolate
 from core.types import ExpressionScores, FaceRequest, RenderedFace
+from models.device import cpu_has_fast_bfloat16
 from models.layout import ModelLayout
 from models.stylegan import Generator, PreparedSynthesis, load_generator, to_uint8
 from models.vectorfind import LABEL_DIM, W_DIM, Z_DIM, ChangeVectors, FaceBank
@@ -36,7 +37,17 @@ DEFAULT_ANIMATION_FRAMES = 12
 DEFAULT_FRAME_MS = 80
 
 Precision = Literal["exact", "float32", "bfloat16"]
+_PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 _PREPARED_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_precision(setting: str) -> Precision:
+    """The synthesis path for a setting; "auto": bfloat16 where the CPU computes it natively, else float32."""
+    if setting == "auto":
+        return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
+    if setting not in _PRECISIONS:
+        raise ValueError(f"unknown face precision {setting!r}; choose auto, {', '.join(_PRECISIONS)}")
+    return cast(Precision, setting)
 
 
 class StyleGanFaceRenderer:
@@ -75,6 +86,7 @@ class StyleGanFaceRenderer:
         self._device = next(generator.parameters()).device
         self._w_cache: dict[int, np.ndarray] = {}
         self._synthesis = _synthesis_for(generator, precision)
+        self.precision: Precision = precision
 
     def faces(self) -> tuple[int, ...]:
         return self._bank.face_numbers()

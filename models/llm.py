@@ -64,6 +64,7 @@ from models.device import resolve_device, resolve_dtype
 from models.errors import CheckpointMismatch, ModelFilesMissing
 from models.hub import ADAPTER_FILES, BASE_MODEL_FILES, fix_command, missing_files
 from models.layout import TASKS, ModelLayout
+from models.quantize import quantize_base_linears
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,11 @@ class PeftTextGenerator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._pad_id = pad if pad is not None else 0
         self._device = next(model.parameters()).device
+
+    @property
+    def model(self) -> PeftModel:
+        """The base with its adapters, for measuring (the benchmark counts the bytes a step reads)."""
+        return self._model
 
     @property
     def device(self) -> torch.device:
@@ -317,6 +323,7 @@ def load_text_generator(
     device: str = "auto",
     dtype: str = "auto",
     greedy: bool = False,
+    int8: bool = False,
 ) -> PeftTextGenerator:
     """Load the base model once and attach the four adapters of `layout` to it, strictly.
 
@@ -326,6 +333,8 @@ def load_text_generator(
     included, goes through `load_adapter`, whose result names missing and unexpected tensors
     (`PeftModel.from_pretrained` would only warn about the missing ones). The tokenizer comes from
     the output_message adapter folder, the one upstream counted prompt tokens with.
+
+    `int8` then stores the base model's linear layers in int8 (`models.quantize`), CPU only.
     """
     base_dir = Path(base_model) if base_model is not None else layout.base_model_dir
     missing = missing_files(base_dir, BASE_MODEL_FILES)
@@ -353,6 +362,10 @@ def load_text_generator(
             str(folder), adapter_name=task.value, torch_device=str(torch_device), low_cpu_mem_usage=True
         )
         _require_exact(folder, {"missing_keys": result.missing_keys, "unexpected_keys": result.unexpected_keys})
+    if int8:
+        if torch_device.type != "cpu":
+            raise ValueError(f"int8 base weights run on the CPU only, not on {torch_device}")
+        quantize_base_linears(model)
     tokenizer = AutoTokenizer.from_pretrained(layout.adapter_dir(Task.OUTPUT_MESSAGE), local_files_only=True)
     return PeftTextGenerator(model, tokenizer, greedy=greedy)
 

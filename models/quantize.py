@@ -54,6 +54,8 @@ class DynamicInt8Linear(nn.Module):
         self._scales = scales
         self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
         self._bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.replaced_bytes = sum(p.numel() * p.element_size() for p in linear.parameters())
+        """What the float layer it replaced held."""
         self.weight_bytes = int8.numel() + 4 * scales.numel() + (0 if self._bias is None else 4 * self._bias.numel())
         """What one forward pass reads of this layer's parameters: int8 values, scales, bias."""
 
@@ -104,20 +106,31 @@ def quantize_base_linears(model: nn.Module) -> QuantizationReport:
     every page quantisation reads stays resident for as long as anything maps the file. So the
     tensors that are kept are then copied into memory of their own, which lets the mapping go.
     """
-    targets = list(_base_linears(model))
-    int8_bytes = replaced_bytes = 0
     with torch.no_grad():
-        for parent, name, linear in targets:
-            replaced_bytes += sum(p.numel() * p.element_size() for p in linear.parameters())
-            quantized = DynamicInt8Linear(linear)
-            int8_bytes += quantized.weight_bytes
-            setattr(parent, name, quantized)
+        for parent, name, linear in list(_base_linears(model)):
+            setattr(parent, name, DynamicInt8Linear(linear))
         for parameter in model.parameters():
             parameter.data = parameter.data.clone()
         for buffer in model.buffers():
             buffer.data = buffer.data.clone()
-    logger.info("int8: %d linear layers, %.2f GB -> %.2f GB", len(targets), replaced_bytes / 1e9, int8_bytes / 1e9)
-    return QuantizationReport(layers=len(targets), int8_bytes=int8_bytes, replaced_bytes=replaced_bytes)
+    report = int8_report(model)
+    logger.info(
+        "int8: %d linear layers, %.2f GB -> %.2f GB",
+        report.layers,
+        report.replaced_bytes / 1e9,
+        report.int8_bytes / 1e9,
+    )
+    return report
+
+
+def int8_report(model: nn.Module) -> QuantizationReport:
+    """What the int8 layers of `model` hold, and what the layers they replaced held."""
+    layers = [module for module in model.modules() if isinstance(module, DynamicInt8Linear)]
+    return QuantizationReport(
+        layers=len(layers),
+        int8_bytes=sum(layer.weight_bytes for layer in layers),
+        replaced_bytes=sum(layer.replaced_bytes for layer in layers),
+    )
 
 
 def _base_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:

@@ -23,7 +23,7 @@ def test_the_example_file_parses_as_shipped() -> None:
 
 
 def test_every_setting_is_in_the_example_file() -> None:
-    documented = set(re.findall(r"^#?\s*([A-Z_]+)=", EXAMPLE.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", EXAMPLE.read_text(encoding="utf-8"), flags=re.MULTILINE))
     names = {field.validation_alias for field in Settings.model_fields.values()}
 
     assert names <= documented
@@ -69,3 +69,14 @@ def test_the_model_stall_limit_follows_the_turn_timeout_unless_set(monkeypatch: 
     monkeypatch.setenv("OHLORA_MODEL_STALL_S", "-1")
     with pytest.raises(ValidationError):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_int8_and_face_precision_take_only_their_choices() -> None:
+    settings = Settings(_env_file=None, llm_int8="off", face_precision="exact")  # type: ignore[call-arg]
+    assert (settings.llm_int8, settings.face_precision) == ("off", "exact")
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (defaults.llm_int8, defaults.face_precision) == ("auto", "auto")
+    with pytest.raises(ValidationError, match="llm_int8|OHLORA_LLM_INT8"):
+        Settings(_env_file=None, llm_int8="yes")  # type: ignore[call-arg,arg-type]
+    with pytest.raises(ValidationError, match="face_precision|OHLORA_FACE_PRECISION"):
+        Settings(_env_file=None, face_precision="float16")  # type: ignore[call-arg,arg-type]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from core.types import IDLE_SCORES, ExpressionScores, FaceRequest
-from models.face import StyleGanFaceRenderer, load_face_renderer
+from models.device import cpu_has_fast_bfloat16
+from models.face import StyleGanFaceRenderer, load_face_renderer, resolve_precision
 from models.layout import ModelLayout
 from models.stylegan import Generator, GeneratorConfig, PreparedSynthesis, load_generator, to_uint8
 from models.tiny_face import build_tiny_face_assets
@@ -131,3 +132,10 @@ def test_real_size_generator_prepares() -> None:
         expected = generator.synthesis(wp)
     actual = PreparedSynthesis(generator.synthesis, torch.float32)(wp)
     assert torch.allclose(actual, expected, atol=1e-3 * float(expected.abs().max()), rtol=0)
+
+
+def test_the_precision_setting() -> None:
+    assert resolve_precision("auto") == ("bfloat16" if cpu_has_fast_bfloat16() else "float32")
+    assert [resolve_precision(name) for name in ("exact", "float32", "bfloat16")] == ["exact", "float32", "bfloat16"]
+    with pytest.raises(ValueError, match="unknown face precision 'float16'"):
+        resolve_precision("float16")

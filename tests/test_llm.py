@@ -16,10 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core.prompts import ANSWER_END
 from core.types import Generation, GenerationRequest, Task
 from models import tiny
-from models.device import cpu_has_fast_bfloat16, resolve_device, resolve_dtype
+from models.device import cpu_has_fast_bfloat16, cpu_has_fast_int8, resolve_device, resolve_dtype, resolve_int8
 from models.errors import CheckpointMismatch, ModelFilesMissing
 from models.layout import TASKS, ModelLayout
 from models.llm import PeftTextGenerator, load_text_generator
+from models.quantize import DynamicInt8Linear
 
 PROMPTS = {
     Task.OUTPUT_MESSAGE: "(오로라 답변 요약) 사용자가 부산에 산다고 말함 (사용자 질문) 응 광안리 근처야 (답변 시작)",
@@ -216,6 +217,28 @@ def test_bfloat16_generates_in_format(tiny_layout: ModelLayout) -> None:  # noqa
     assert generator.dtype == torch.bfloat16
     (memory,) = solo(generator, greedy_request(Task.MEMORY, "나 떡볶이 진짜 좋아해 (답변 시작)"))
     assert memory.text == " [좋아하는 음식: 떡볶이] (답변 종료)"
+
+
+def test_int8_base_weights_keep_the_adapters_and_the_format(tiny_layout: ModelLayout) -> None:  # noqa: F811
+    generator = load_text_generator(tiny_layout, device="cpu", dtype="bfloat16", greedy=True, int8=True)
+    modules = dict(generator.model.named_modules())
+    assert any(isinstance(module, DynamicInt8Linear) for module in modules.values())
+    float_linears = [name for name, module in modules.items() if type(module) is torch.nn.Linear]
+    assert float_linears and all(".lora_" in name for name in float_linears), "only the adapters stay float"
+    (memory,) = solo(generator, greedy_request(Task.MEMORY, "나 떡볶이 진짜 좋아해 (답변 시작)"))
+    assert memory.text == " [좋아하는 음식: 떡볶이] (답변 종료)"
+
+
+def test_int8_is_a_cpu_setting() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_int8("auto", cpu) is cpu_has_fast_int8()
+    assert resolve_int8("auto", cuda) is False
+    assert resolve_int8("on", cpu) is True
+    assert resolve_int8("off", cpu) is False
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_int8("on", cuda)
+    with pytest.raises(ValueError, match="unknown int8 setting"):
+        resolve_int8("yes", cpu)
 
 
 def _linked_layout(source: ModelLayout, target: Path, *, without: Task) -> ModelLayout:
