@@ -3,8 +3,8 @@
 Both sides of the benchmark load these files with the code they would use on the published
 checkpoints, so loading, memory and speed are those of the real thing; only the numbers in the
 tensors are random. The tokenizers are learned offline from the shipped tiny dataset and padded
-with filler entries to the real vocabulary sizes, so embedding and output layers have their real
-widths.
+with filler entries to the real vocabulary sizes (`models.stand_ins`), so embedding and output
+layers have their real widths.
 
 Random weights would, once in a long while, sample the end-of-text token or an end marker and
 stop a generation early. Their rows of the output layer are zeroed: a logit of exactly 0 is
@@ -17,17 +17,21 @@ import json
 import logging
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.config import LlmShape, Profile, SbertShape
-from core.prompts import ANSWER_END, CONTROL_MARKERS, END_OF_TEXT
+from core.prompts import ANSWER_END
 from models.layout import TASKS, ModelLayout
+from models.stand_ins import llm_tokenizer, lora_config, neox_config, sbert_tokenizer
 from models.stylegan import Generator, GeneratorConfig, config_path
-from models.tiny import load_sbert_pairs, training_texts
+from models.tiny import corpus
 from models.tiny_face import build_tiny_face_assets
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,6 @@ from the accuracy comparison."""
 NOISE_AND_BIAS_STD = 0.2
 """The generator's init leaves noise strengths and biases at zero, which makes its constant
 input spatially flat; trained models are not like that."""
-_FILLER = "zzfill{}"
 
 
 def quiet_libraries() -> None:
@@ -57,93 +60,37 @@ def build_bench_models(root: Path, profile: Profile, *, seed: int = 0) -> ModelL
     layout = ModelLayout(Path(root))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = llm_tokenizer(profile.llm.vocab)
+        tokenizer = bench_llm_tokenizer(profile.llm)
         build_llm(layout, profile.llm, tokenizer, seed=seed)
         build_sbert(layout, profile.sbert)
     build_face(layout, profile.face, seed=seed)
     return layout
 
 
-def corpus() -> Iterator[str]:
-    """The shipped Korean texts with the control markers taken out."""
-    for task in TASKS:
-        for text in training_texts(task):
-            for marker in CONTROL_MARKERS:
-                text = text.replace(marker, " ")
-            yield text
-    for pair in load_sbert_pairs():
-        yield pair.memory
-        yield pair.prompt
-
-
 # ---------------------------------------------------------------------------------------------
 # The LLM
 
 
-def llm_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
-    """Byte-level BPE with the markers as whole tokens, exactly `vocab_size` entries."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=LLM_MERGES_VOCAB,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus(), trainer)
-    markers = [marker for marker in CONTROL_MARKERS if marker != END_OF_TEXT]
-    backend = _padded(backend, vocab_size - len(markers))
-    backend.add_tokens([AddedToken(marker, normalized=False, special=False) for marker in markers])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-        pad_token=END_OF_TEXT,
-        clean_up_tokenization_spaces=False,
-    )
-    if len(tokenizer) != vocab_size:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} entries, not {vocab_size}")
-    return tokenizer
+def bench_llm_tokenizer(shape: LlmShape) -> PreTrainedTokenizerFast:
+    """Learned from the shipped text, padded to the shape's vocabulary."""
+    return llm_tokenizer(corpus(), LLM_MERGES_VOCAB, pad_to=shape.vocab)
 
 
-def _padded(backend, size: int):  # type: ignore[no-untyped-def]
-    """The same tokenizer with filler entries appended to its model vocabulary up to `size`.
-
-    Encoding never produces a filler (no merge leads to one); decoding one gives plain ASCII.
-    """
-    from tokenizers import Tokenizer
-
-    state = json.loads(backend.to_str())
-    vocab: dict[str, int] = state["model"]["vocab"]
-    for index in range(len(vocab), size):
-        vocab[_FILLER.format(index)] = index
-    return Tokenizer.from_str(json.dumps(state))
-
-
-def build_llm(layout: ModelLayout, shape: LlmShape, tokenizer, *, seed: int) -> None:  # type: ignore[no-untyped-def]
+def build_llm(layout: ModelLayout, shape: LlmShape, tokenizer: PreTrainedTokenizerFast, *, seed: int) -> None:
     """The GPT-NeoX base (bfloat16) and four LoRA adapters, saved as the published folders are."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from peft import get_peft_model
+    from transformers import GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(
+    config = neox_config(
+        tokenizer,
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
+        layers=shape.layers,
+        heads=shape.heads,
         intermediate_size=shape.intermediate,
-        max_position_embeddings=shape.max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="bfloat16",
+        max_positions=shape.max_positions,
     )
+    config.dtype = torch.bfloat16
     # Built on the meta device and materialised in bfloat16: a float32 detour would need twice
     # the memory (10 GB for the real size).
     with torch.device("meta"):
@@ -163,19 +110,10 @@ def build_llm(layout: ModelLayout, shape: LlmShape, tokenizer, *, seed: int) -> 
     model.save_pretrained(layout.base_model_dir)
     tokenizer.save_pretrained(layout.base_model_dir)
 
-    def lora() -> LoraConfig:
-        return LoraConfig(
-            r=shape.lora_rank,
-            lora_alpha=shape.lora_alpha,
-            lora_dropout=0.05,
-            init_lora_weights="gaussian",
-            target_modules=["query_key_value"],
-            task_type="CAUSAL_LM",
-        )
-
-    peft_model = get_peft_model(model, lora(), adapter_name=TASKS[0].value)
+    lora = lora_config(shape.lora_rank, shape.lora_alpha)
+    peft_model = get_peft_model(model, lora, adapter_name=TASKS[0].value)
     for task in TASKS[1:]:
-        peft_model.add_adapter(task.value, lora())
+        peft_model.add_adapter(task.value, lora)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if ".lora_B." in name:
@@ -191,34 +129,11 @@ def build_llm(layout: ModelLayout, shape: LlmShape, tokenizer, *, seed: int) -> 
 # S-BERT
 
 
-def sbert_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
-    """WordPiece set up as klue/roberta-base's, learned offline and padded to `vocab_size`.
-
-    Like klue's it neither lower-cases (the S-BERT module does) nor strips accents, which would
-    decompose every Hangul syllable into jamo that the vocabulary does not hold.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertTokenizer
-
-    specials = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=min(SBERT_LEARNED_VOCAB, vocab_size), special_tokens=specials, show_progress=False
-    )
-    backend.train_from_iterator(corpus(), trainer)
-    pieces = sorted(set(backend.get_vocab()) - set(specials))
-    fillers = [_FILLER.format(index) for index in range(vocab_size - len(specials) - len(pieces))]
-    vocab = {piece: index for index, piece in enumerate([*specials, *pieces, *fillers])}
-    return BertTokenizer(vocab=vocab, do_lower_case=False, strip_accents=False)
-
-
 def build_sbert(layout: ModelLayout, shape: SbertShape) -> None:
     """A RoBERTa encoder of klue/roberta-base's shape with random weights."""
     from transformers import RobertaConfig, RobertaModel
 
-    tokenizer = sbert_tokenizer(shape.vocab)
+    tokenizer = sbert_tokenizer(corpus(), min(SBERT_LEARNED_VOCAB, shape.vocab), pad_to=shape.vocab)
     config = RobertaConfig(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,

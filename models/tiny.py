@@ -49,7 +49,6 @@ from core.prompts import (
     ANSWER_MARKER,
     ANSWER_START,
     CONTROL_MARKERS,
-    END_OF_TEXT,
     RESPONSE_MARKER,
     SUMMARY_PREFIX,
     compose_final_input,
@@ -57,9 +56,10 @@ from core.prompts import (
 )
 from core.types import Task
 from models.layout import TASKS, ModelLayout
+from models.stand_ins import llm_tokenizer, lora_config, neox_config, sbert_tokenizer
 
 if TYPE_CHECKING:
-    from transformers import BertTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ _LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "sentence-transform
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _RECIPE_SOURCES = (
     _PACKAGE_ROOT / "models" / "tiny.py",
+    _PACKAGE_ROOT / "models" / "stand_ins.py",
     _PACKAGE_ROOT / "core" / "prompts.py",  # the prompts the adapters are trained on
     _PACKAGE_ROOT / "models" / "tiny_face.py",  # and the architectures whose checkpoints it writes
     _PACKAGE_ROOT / "models" / "stylegan.py",
@@ -280,7 +281,7 @@ def load_sbert_pairs() -> list[SbertPair]:
     ]
 
 
-def _corpus() -> Iterator[str]:
+def corpus() -> Iterator[str]:
     """Every shipped text with the markers taken out: they become whole tokens, not merges."""
     for task in TASKS:
         for text in training_texts(task):
@@ -298,40 +299,24 @@ def _corpus() -> Iterator[str]:
 
 
 def build_tiny_llm(layout: ModelLayout, examples: Sequence[Example], recipe: LlmRecipe = LLM_RECIPE) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from peft import get_peft_model
+    from transformers import GPTNeoXForCausalLM
 
-    tokenizer = _llm_tokenizer(recipe.vocab_size)
-    config = GPTNeoXConfig(
+    tokenizer = llm_tokenizer(corpus(), recipe.vocab_size)
+    config = neox_config(
+        tokenizer,
         vocab_size=_round_up(len(tokenizer), 64),
         hidden_size=recipe.hidden_size,
-        num_hidden_layers=recipe.layers,
-        num_attention_heads=recipe.heads,
+        layers=recipe.layers,
+        heads=recipe.heads,
         intermediate_size=recipe.intermediate_size,
-        max_position_embeddings=recipe.max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        max_positions=recipe.max_positions,
     )
     initial = GPTNeoXForCausalLM(config)
-
-    def lora() -> LoraConfig:
-        return LoraConfig(
-            r=recipe.lora_rank,
-            lora_alpha=recipe.lora_alpha,
-            lora_dropout=0.05,
-            init_lora_weights="gaussian",
-            target_modules=["query_key_value"],
-            task_type="CAUSAL_LM",
-        )
-
-    model = get_peft_model(initial, lora(), adapter_name=TASKS[0].value)
+    lora = lora_config(recipe.lora_rank, recipe.lora_alpha)
+    model = get_peft_model(initial, lora, adapter_name=TASKS[0].value)
     for task in TASKS[1:]:
-        model.add_adapter(task.value, lora())
+        model.add_adapter(task.value, lora)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
 
@@ -375,33 +360,6 @@ def build_tiny_llm(layout: ModelLayout, examples: Sequence[Example], recipe: Llm
         base.lm_head.weight.mul_(recipe.sharpen)
     base.save_pretrained(layout.base_model_dir)
     tokenizer.save_pretrained(layout.base_model_dir)
-
-
-def _llm_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_corpus(), trainer)
-    # Markers are ordinary (non-special) tokens: decoding with skip_special_tokens keeps them,
-    # as it keeps the real tokenizer's pieces of "(답변 종료)".
-    markers = [marker for marker in CONTROL_MARKERS if marker != END_OF_TEXT]
-    backend.add_tokens([AddedToken(marker, normalized=False, special=False) for marker in markers])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-        pad_token=END_OF_TEXT,
-        clean_up_tokenization_spaces=False,
-    )
 
 
 def _encode(
@@ -465,7 +423,7 @@ def build_tiny_sbert(layout: ModelLayout, pairs: Sequence[SbertPair], recipe: Sb
     from transformers import BertConfig, BertModel
 
     with tempfile.TemporaryDirectory() as initial:
-        tokenizer = _sbert_tokenizer(recipe.vocab_size)
+        tokenizer = sbert_tokenizer(corpus(), recipe.vocab_size)
         config = BertConfig(
             vocab_size=len(tokenizer),
             hidden_size=recipe.hidden_size,
@@ -501,25 +459,3 @@ def build_tiny_sbert(layout: ModelLayout, pairs: Sequence[SbertPair], recipe: Sb
         optimizer.step()
     model.eval()
     model.save(str(layout.sbert_dir), create_model_card=False)
-
-
-def _sbert_tokenizer(vocab_size: int) -> BertTokenizer:
-    """A WordPiece vocabulary learned from the dataset, in klue/roberta-base's tokenizer setup.
-
-    Like klue's, it neither lower-cases (the S-BERT module does) nor strips accents: stripping
-    would decompose every Hangul syllable into jamo and turn Korean into unknown tokens.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertTokenizer
-
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    backend.train_from_iterator(_corpus(), trainer)
-    # The trainer numbers the word pieces in hash order, which changes from run to run; a
-    # WordPiece id means nothing beyond the special tokens, so number the rest alphabetically.
-    pieces = sorted(set(backend.get_vocab()) - set(specials))
-    vocab = {piece: index for index, piece in enumerate([*specials, *pieces])}
-    return BertTokenizer(vocab=vocab, do_lower_case=False, strip_accents=False)

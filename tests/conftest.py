@@ -24,6 +24,12 @@ def reference_dir() -> Path:
     return Path(configured) if configured else REPO_ROOT.parent / "shared" / "reference"
 
 
+def golden_sets(pattern: str) -> list[str | None]:
+    """The golden fixture files matching `pattern`; [None] makes an empty folder fail loudly, not pass."""
+    names: list[str | None] = [path.name for path in sorted((reference_dir() / "golden").glob(pattern))]
+    return names or [None]
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     """The checkpoint-compatibility facts; tests that need them skip when the folder is absent."""

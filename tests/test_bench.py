@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench.build import llm_tokenizer
+from bench.build import bench_llm_tokenizer
 from bench.config import NEW_TOKENS, QUICK, TINY
 from bench.workload import (
     ANSWER_TOTAL_TOKENS,
@@ -48,7 +48,7 @@ REQUIRED_KEYS = (
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    return llm_tokenizer(QUICK.llm.vocab)
+    return bench_llm_tokenizer(QUICK.llm)
 
 
 def count(tokenizer: Any) -> Any:

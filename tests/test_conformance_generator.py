@@ -22,15 +22,7 @@ from core.types import ExpressionScores
 from models.face import StyleGanFaceRenderer, apply_expression
 from models.stylegan import Generator, GeneratorConfig, load_generator, to_uint8
 from models.vectorfind import ChangeVectors, FaceBank
-from tests.conftest import reference_dir
-
-
-def golden_jsons() -> list[str | None]:
-    """The fixture sets present; [None] makes an empty folder fail loudly rather than pass silently."""
-    names: list[str | None] = [
-        path.name for path in sorted((reference_dir() / "golden").glob("generator_golden_*.json"))
-    ]
-    return names or [None]
+from tests.conftest import golden_sets
 
 
 @dataclass(frozen=True)
@@ -61,7 +53,7 @@ def config_from(constructor_args: dict[str, Any]) -> GeneratorConfig:
     return GeneratorConfig(**numeric)
 
 
-@pytest.fixture(scope="module", params=golden_jsons())
+@pytest.fixture(scope="module", params=golden_sets("generator_golden_*.json"))
 def golden(request: pytest.FixtureRequest, reference: Path) -> GeneratorGolden:
     name = request.param
     assert name is not None, f"no golden/generator_golden_*.json in {reference}"

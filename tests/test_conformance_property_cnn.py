@@ -21,15 +21,7 @@ from models.property_cnn import (
     measure,
     preprocess,
 )
-from tests.conftest import reference_dir
-
-
-def golden_jsons() -> list[str | None]:
-    """The fixture sets present; [None] makes an empty folder fail loudly rather than pass silently."""
-    names: list[str | None] = [
-        path.name for path in sorted((reference_dir() / "golden").glob("property_cnn_golden_*.json"))
-    ]
-    return names or [None]
+from tests.conftest import golden_sets
 
 
 @dataclass(frozen=True)
@@ -43,7 +35,7 @@ class CnnGolden:
         return float(self.meta["tolerances"][key]["atol"])
 
 
-@pytest.fixture(scope="module", params=golden_jsons())
+@pytest.fixture(scope="module", params=golden_sets("property_cnn_golden_*.json"))
 def golden(request: pytest.FixtureRequest, reference: Path) -> CnnGolden:
     name = request.param
     assert name is not None, f"no golden/property_cnn_golden_*.json in {reference}"

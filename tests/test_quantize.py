@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModelForCausalLM
+from peft import PeftModel
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from core.prompts import TASK_SETTINGS, build_request
 from core.types import Task
 from models.layout import TASKS, ModelLayout
-from models.llm import PeftTextGenerator
+from models.llm import PeftTextGenerator, load_text_generator
 from models.quantize import DynamicInt8Linear, compare_logits, prompt_logits, quantize_base_linears
 from models.tiny import ensure_tiny_models, load_examples
 from tests.conftest import REPO_ROOT
@@ -26,15 +26,11 @@ def layout() -> ModelLayout:
     return ensure_tiny_models(REPO_ROOT / "data" / "tiny_models")
 
 
-def load(layout: ModelLayout) -> tuple[PeftModelForCausalLM, Any]:
-    """The base in float32 with the four adapters, as models.llm attaches them."""
-    base = AutoModelForCausalLM.from_pretrained(layout.base_model_dir, dtype=torch.float32, local_files_only=True)
-    first = layout.adapter_dir(TASKS[0])
-    model = PeftModelForCausalLM(base, LoraConfig.from_pretrained(str(first)), adapter_name=TASKS[0].value)
-    for task in TASKS:
-        model.load_adapter(layout.adapter_dir(task), adapter_name=task.value)
+def load(layout: ModelLayout) -> tuple[PeftModel, Any]:
+    """The base in float32 with the four adapters, as the product loads them."""
+    model = load_text_generator(layout, device="cpu", dtype="float32").model
     tokenizer = AutoTokenizer.from_pretrained(layout.adapter_dir(Task.OUTPUT_MESSAGE), local_files_only=True)
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def tiny_prompts() -> list[tuple[Task, str]]:
