@@ -128,14 +128,23 @@ class Commands:
     def is_admin(self, caller: Caller) -> bool:
         return caller.platform_admin or caller.user_key in self._admin_ids
 
-    async def chat(self, message: IncomingMessage) -> Reply | None:
-        """A turn, unless the user is blocked: then one short notice, and silence after it."""
+    async def chat(
+        self, message: IncomingMessage, working: Callable[[], AbstractAsyncContextManager[object]] | None = None
+    ) -> Reply | None:
+        """A turn, unless the user is blocked: then one short notice, and silence after it.
+
+        `working` (the platform's "typing…" indicator) is entered around the turn itself, so a
+        blocked user never sees Oh-LoRA start to type.
+        """
         if await self._store.is_blocked(message.user_key):
             if await self._store.get_setting(message.user_key, BLOCK_NOTIFIED):
                 return None
             await self._store.set_setting(message.user_key, BLOCK_NOTIFIED, "1")
             return Reply(text=BLOCKED_TEXT, kind=ReplyKind.NOTICE)
-        return await self._engine.reply(message)
+        if working is None:
+            return await self._engine.reply(message)
+        async with working():
+            return await self._engine.reply(message)
 
     # Everyone's commands: they only ever touch the caller's own data.
 

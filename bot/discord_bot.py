@@ -20,6 +20,7 @@ import io
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,8 +281,7 @@ class OhloraClient(discord.Client):
             assert task is not None  # discord.py runs every event handler as a task
             self._in_flight.add(task)
             try:
-                async with message.channel.typing():
-                    reply = await self._turn(inbound.to_incoming())
+                reply = await self._turn(inbound.to_incoming(), message.channel.typing)
                 if reply is not None:
                     await send_reply(message, reply)
             except discord.HTTPException as error:
@@ -304,10 +304,12 @@ class OhloraClient(discord.Client):
     async def _channel_allowed(self, channel_id: str) -> bool:
         return await self._commands.is_channel_allowed(PLATFORM, channel_id)
 
-    async def _turn(self, message: IncomingMessage) -> Reply | None:
+    async def _turn(
+        self, message: IncomingMessage, typing: Callable[[], AbstractAsyncContextManager[object]]
+    ) -> Reply | None:
         """The turn, or an apology when something outside the engine broke (the engine never raises)."""
         try:
-            return await self._commands.chat(message)
+            return await self._commands.chat(message, typing)
         except Exception:
             logger.exception("Discord: the turn of %s failed", message.user_key)
             return Reply(text=ERROR_TEXT, kind=ReplyKind.ERROR)

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from telegram import (
@@ -471,8 +472,8 @@ class TelegramAdapter:
         if incoming is None:
             return
         async with self._commands.in_order(incoming.user_key):
-            async with chat_action(context.bot, message.chat.id, ChatAction.TYPING, self._chat_action_every_s):
-                reply = await self._commands.chat(incoming)
+            typing = partial(chat_action, context.bot, message.chat.id, ChatAction.TYPING, self._chat_action_every_s)
+            reply = await self._commands.chat(incoming, typing)
             if reply is not None:
                 await self._send(context.bot, message, reply.text, reply.image)
 

@@ -375,11 +375,13 @@ async def test_a_blocked_user_gets_one_notice_then_silence_until_unblocked(world
     await invoke(world.bot.tree, "admin block", moderator, user=world.alice)
     mention = f"<@{world.me.id}> 안녕"
 
+    world.recorder.events.clear()
     await post(mention, channel=world.channel, author=world.alice)
     await post(mention, channel=world.channel, author=world.alice)
     (notice,) = world.recorder.take()
     assert notice.content == BLOCKED_TEXT and notice.files == ()
     assert world.bot.harness.generator.calls == []
+    assert "typing" not in world.recorder.events, "a blocked user never sees her typing"
 
     moderator = world.interaction(world.bob, manage_guild=True)
     await invoke(world.bot.tree, "admin unblock", moderator, user=world.alice)

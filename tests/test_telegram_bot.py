@@ -376,6 +376,7 @@ async def test_an_admin_blocks_and_unblocks_a_user(bot: RunningBot) -> None:
     await bot.say(ALICE, "왜 대답 안 해?")
     assert bot.texts(1001) == [BLOCKED_TEXT]
     assert bot.harness.generator.calls == []
+    assert bot.api.calls("sendChatAction", chat_id=1001) == [], "a blocked user never sees her typing"
 
     await bot.say(ADMIN, "/unblock 1001")
     await bot.say(ALICE, "이제 돼?")
