@@ -193,6 +193,7 @@ def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: b
 def _chat(args: argparse.Namespace) -> int:
     import random
 
+    from bot.commands import Commands
     from bot.console import ConsoleOptions, run_console
     from models.errors import ModelFilesMissing
 
@@ -214,8 +215,9 @@ def _chat(args: argparse.Namespace) -> int:
         try:
             rng = random.Random(args.seed) if args.seed is not None else None
             engine = Engine(worker, store, _engine_options(settings), rng=rng)
+            commands = Commands(engine, store, admin_ids=settings.admin_ids, model_profile=settings.model_profile.value)
             options = ConsoleOptions(user=args.user, save_faces=args.save_faces, verbose=args.verbose)
-            return await run_console(engine, options)
+            return await run_console(commands, options)
         finally:
             await worker.stop()
             await store.close()

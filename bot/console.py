@@ -1,8 +1,10 @@
 """`ohlora chat`: talk to Oh-LoRA in a terminal, over the same engine the bots use.
 
-Lines are read until end of input, so a pipe works as well as a keyboard. The faces can be saved
-as PNG files, and `--show-prompts` makes every adapter request visible, which is how a person
-checks that nothing they typed ever reaches a prompt as a control marker.
+Lines are read until end of input (or `/quit`), so a pipe works as well as a keyboard. A line
+that starts with "/" is a command, never a message: the user's own commands of the bots
+(`/memory`, `/forget`, `/reset`) through the same command layer, `/help`, and `/quit`. The faces
+can be saved as PNG files, and `--show-prompts` makes every adapter request visible, which is how
+a person checks that nothing they typed ever reaches a prompt as a control marker.
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from core.engine import Engine
+from bot.commands import Caller, CommandResult, Commands
 from core.types import Generation, GenerationRequest, IncomingMessage, Reply, ReplyKind, TextGenerator
 
 PLATFORM = "console"
-WELCOME = "오로라와 대화를 시작해요! (끝내려면 Ctrl+D)"
+WELCOME = "오로라와 대화를 시작해요! (명령은 /help, 끝내려면 /quit 또는 Ctrl+D)"
+CONSOLE_HELP = """/memory — 내가 기억하는 너에 대한 것들
+/forget 키 — 그 기억 지우기 (/forget all: 전부)
+/reset — 지금까지의 대화 요약 지우기
+/help — 이 도움말
+/quit — 대화 끝내기"""
+UNKNOWN_COMMAND_TEXT = "그런 명령은 몰라. /help 를 입력해 봐!"
+QUIT_COMMANDS = frozenset({"/quit", "/exit"})
 
 
 class PromptEcho:
@@ -64,7 +73,7 @@ class FaceSaver:
 
 
 async def run_console(
-    engine: Engine,
+    commands: Commands,
     options: ConsoleOptions,
     *,
     stdin: TextIO = sys.stdin,
@@ -80,10 +89,18 @@ async def run_console(
             stdout.write("나: ")
             stdout.flush()
         line = await asyncio.to_thread(stdin.readline)
-        if not line:
+        text = line.rstrip("\n")
+        if not line or text.strip() in QUIT_COMMANDS:
             return 0
-        message = IncomingMessage(platform=PLATFORM, user_id=options.user, chat_id=PLATFORM, text=line.rstrip("\n"))
-        reply = await engine.reply(message)
+        if text.startswith("/"):
+            result = await _command(commands, Caller(PLATFORM, options.user, PLATFORM), text)
+            stdout.write(f"{result.text}\n")
+            stdout.flush()
+            continue
+        message = IncomingMessage(platform=PLATFORM, user_id=options.user, chat_id=PLATFORM, text=text)
+        reply = await commands.chat(message)
+        if reply is None:
+            continue
         stdout.write(f"오로라: {reply.text}\n")
         stdout.flush()
         if saver and reply.image:
@@ -92,6 +109,23 @@ async def run_console(
                 stderr.write(f"  [face] {path}\n")
         if options.verbose:
             _describe(reply, stderr)
+
+
+async def _command(commands: Commands, caller: Caller, line: str) -> CommandResult:
+    """A console command: the bots' own user commands, with `/forget all` for "forget everything"."""
+    name, _, argument = line.strip().partition(" ")
+    argument = argument.strip()
+    if name == "/help":
+        return CommandResult(CONSOLE_HELP)
+    if name == "/memory":
+        return await commands.memory(caller)
+    if name == "/reset":
+        return await commands.reset(caller)
+    if name == "/forget" and argument:
+        return await commands.forget(caller, None if argument == "all" else argument)
+    if name == "/forget":
+        return CommandResult(CONSOLE_HELP.splitlines()[1], ok=False)
+    return CommandResult(UNKNOWN_COMMAND_TEXT, ok=False)
 
 
 def _describe(reply: Reply, stream: TextIO) -> None:

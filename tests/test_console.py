@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from bot.console import ConsoleOptions, PromptEcho, run_console
+from bot.commands import Commands
+from bot.console import CONSOLE_HELP, UNKNOWN_COMMAND_TEXT, ConsoleOptions, PromptEcho, run_console
 from core.types import Task
 from models.layout import ModelLayout
-from tests.fakes import FakeGenerator, make_harness
+from tests.fakes import FakeGenerator, Harness, make_harness
 
 
 class PipedInput(io.StringIO):
@@ -23,12 +24,16 @@ class PipedInput(io.StringIO):
         return False
 
 
+def commands_of(harness: Harness) -> Commands:
+    return Commands(harness.engine, harness.store, admin_ids=frozenset(), model_profile="tiny")
+
+
 async def test_console_answers_every_line_and_saves_one_face_each(tmp_path: Path) -> None:
     harness = make_harness()
     out, err = io.StringIO(), io.StringIO()
     try:
         code = await run_console(
-            harness.engine,
+            commands_of(harness),
             ConsoleOptions(user="me", save_faces=tmp_path / "faces", verbose=True),
             stdin=PipedInput("안녕\n나 떡볶이 좋아해\n\n"),
             stdout=out,
@@ -50,13 +55,33 @@ async def test_saved_faces_continue_the_numbering_of_an_earlier_run(tmp_path: Pa
     harness = make_harness()
     try:
         await run_console(
-            harness.engine, ConsoleOptions(save_faces=tmp_path), stdin=PipedInput("안녕\n"), stdout=io.StringIO()
+            commands_of(harness), ConsoleOptions(save_faces=tmp_path), stdin=PipedInput("안녕\n"), stdout=io.StringIO()
         )
     finally:
         await harness.worker.stop()
 
     assert (tmp_path / "reply_0007.png").read_bytes() == b"old"
     assert (tmp_path / "reply_0008.png").read_bytes().startswith(b"\x89PNG")
+
+
+async def test_slash_lines_are_commands_never_messages() -> None:
+    harness = make_harness()
+    harness.generator.memory_rules = {"나 떡볶이 좋아해": "[좋아하는 음식: 떡볶이]"}
+    out = io.StringIO()
+    script = "나 떡볶이 좋아해\n/memory\n/help\n/dance\n/forget\n/forget 좋아하는 음식\n/memory\n/quit\n안 읽혀\n"
+    try:
+        code = await run_console(commands_of(harness), ConsoleOptions(), stdin=PipedInput(script), stdout=out)
+    finally:
+        await harness.worker.stop()
+
+    assert code == 0
+    text = out.getvalue()
+    assert text.count("오로라: ") == 1, "only the one message went to the model"
+    listed, helped = text.index("[좋아하는 음식: 떡볶이]"), text.index(CONSOLE_HELP)
+    assert text.index("오로라: ") < listed < helped < text.index(UNKNOWN_COMMAND_TEXT)
+    assert await harness.store.memories("console:me") == []
+    prompts = [request.prompt for call in harness.generator.calls for request in call]
+    assert not any("/memory" in prompt or "/dance" in prompt or "안 읽혀" in prompt for prompt in prompts)
 
 
 def test_prompt_echo_writes_one_json_line_per_request() -> None:

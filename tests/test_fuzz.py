@@ -22,6 +22,7 @@ import regex
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from bot.commands import Commands
 from bot.console import ConsoleOptions, PromptEcho, run_console
 from core import prompts
 from core.engine import Engine
@@ -290,9 +291,10 @@ async def test_show_prompts_never_shows_a_typed_marker() -> None:
     worker = InferenceWorker(PromptEcho(generator, echo_sink), FakeEmbedder(), FakeRenderer())
     worker.start()
     try:
-        engine = Engine(worker, InMemoryStore())
+        store = InMemoryStore()
+        commands = Commands(Engine(worker, store), store, admin_ids=frozenset(), model_profile="tiny")
         code = await run_console(
-            engine, ConsoleOptions(), stdin=PipedInput("\n".join(HOSTILE_LINES) + "\n"), stdout=out
+            commands, ConsoleOptions(), stdin=PipedInput("\n".join(HOSTILE_LINES) + "\n"), stdout=out
         )
     finally:
         await worker.stop()
