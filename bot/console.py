@@ -22,8 +22,9 @@ from core.types import Generation, GenerationRequest, IncomingMessage, Reply, Re
 
 PLATFORM = "console"
 WELCOME = "오로라와 대화를 시작해요! (명령은 /help, 끝내려면 /quit 또는 Ctrl+D)"
-CONSOLE_HELP = """/memory — 내가 기억하는 너에 대한 것들
-/forget 키 — 그 기억 지우기 (/forget all: 전부)
+FORGET_USAGE = "/forget 키 — 그 기억 지우기 (/forget all: 전부)"
+CONSOLE_HELP = f"""/memory — 내가 기억하는 너에 대한 것들
+{FORGET_USAGE}
 /reset — 지금까지의 대화 요약 지우기
 /help — 이 도움말
 /quit — 대화 끝내기"""
@@ -124,7 +125,7 @@ async def _command(commands: Commands, caller: Caller, line: str) -> CommandResu
     if name == "/forget" and argument:
         return await commands.forget(caller, None if argument == "all" else argument)
     if name == "/forget":
-        return CommandResult(CONSOLE_HELP.splitlines()[1], ok=False)
+        return CommandResult(FORGET_USAGE, ok=False)
     return CommandResult(UNKNOWN_COMMAND_TEXT, ok=False)
 
 
