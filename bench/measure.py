@@ -84,7 +84,10 @@ class GemvProbe:
     COLUMNS = 2048
 
     def __init__(self, total_bytes: int) -> None:
-        from models.quantize import DynamicInt8Linear
+        from models import int8_kernel
+        from models.quantize import int8_linear
+
+        kernel = int8_kernel.load()
 
         generator = torch.Generator().manual_seed(0)
         chunks = max(1, round(total_bytes / self.CHUNK_BYTES))
@@ -95,7 +98,7 @@ class GemvProbe:
             with torch.device("meta"):
                 linear = torch.nn.Linear(self.COLUMNS, rows, bias=False)
             linear.weight = torch.nn.Parameter(torch.randn(rows, self.COLUMNS, generator=generator))
-            self._int8.append(DynamicInt8Linear(linear))
+            self._int8.append(int8_linear(linear, kernel))
         self._vector = torch.randn(self.COLUMNS, generator=generator)
         self._bytes = {
             "float32_mv": sum(m.numel() * 4 for m in self._float32),

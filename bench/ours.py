@@ -34,7 +34,16 @@ from bench.workload import (
 from core.engine import Engine, EngineOptions
 from core.memory import InMemoryStore, NewMemory, TurnRecord
 from core.prompts import parse_memory_line
-from core.types import IDLE_SCORES, ExpressionScores, FaceRequest, GenerationRequest, IncomingMessage, ReplyKind, Task
+from core.types import (
+    IDLE_SCORES,
+    ExpressionScores,
+    FaceRequest,
+    GenerationRequest,
+    IncomingMessage,
+    Models,
+    ReplyKind,
+    Task,
+)
 from core.worker import InferenceWorker
 from models.face import StyleGanFaceRenderer
 from models.layout import TASKS, ModelLayout
@@ -66,11 +75,21 @@ def decode_step_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    """The models as loaded, and the instruments the bench wraps around them."""
+
+    models: Models
+    generator: FixedLengthGenerator
+    counter: CountingEmbedder
+
+
 @dataclass
 class _Service:
     """The engine over the real models, and the instruments around it."""
 
     engine: Engine
+    store: InMemoryStore
     worker: InferenceWorker
     generator: FixedLengthGenerator
     counter: CountingEmbedder
@@ -95,52 +114,60 @@ def measure_ours(layout: ModelLayout, profile: Profile) -> dict[str, Any]:
     """
     bank = FaceBank.from_layout(layout)
     face = bank.face_numbers()[0]
+    loaded: list[_Loaded] = []
+
+    def load() -> Models:
+        models = load_models(layout, device="cpu", default_face=face, verify=False)
+        generator = FixedLengthGenerator(models.generator, CannedAnswers(models.generator.count_tokens))
+        loaded.append(_Loaded(models, generator, CountingEmbedder(models.embedder)))
+        return Models(generator, loaded[0].counter, models.renderer)
+
     started = time.perf_counter()
-    loaded = load_models(layout, device="cpu", default_face=face, verify=False)
+    worker = InferenceWorker.loading(load)
     load_s = time.perf_counter() - started
-    text_generator, embedder, renderer = loaded.generator, loaded.embedder, loaded.renderer
+    text_generator, renderer = loaded[0].models.generator, loaded[0].models.renderer
     if not isinstance(text_generator, PeftTextGenerator) or not isinstance(renderer, StyleGanFaceRenderer):
         raise TypeError("the bench measures the local PEFT generator and the StyleGAN renderer")
     logger.info("ours: loaded in %.1f s", load_s)
 
-    memories = memory_lines(profile.memories)
-    store = InMemoryStore()
-    users = [
-        "warmup",
-        *(f"serial{i}" for i in range(profile.serial_turns)),
-        *(f"crowd{i}" for i in range(profile.users)),
-    ]
-    asyncio.run(_remember(store, users, memories, embedder.encode(memories)))
-    generator = FixedLengthGenerator(text_generator, CannedAnswers(text_generator.count_tokens))
-    counter = CountingEmbedder(embedder)
-    worker = InferenceWorker(generator, counter, renderer)
     options = EngineOptions(parallel_samples=1, max_pending_turns=4 * profile.users, turn_timeout_s=3600.0)
-    service = _Service(Engine(worker, store, options, rng=random.Random(0)), worker, generator, counter)
+    store = InMemoryStore()
+    engine = Engine(worker, store, options, rng=random.Random(0))
+    service = _Service(engine, store, worker, loaded[0].generator, loaded[0].counter)
     service.peaks["load"] = peak_rss_bytes()
     messages = user_messages(1 + max(profile.users, profile.serial_turns), text_generator.count_tokens)
-    session = asyncio.run(_serve(service, messages[0], messages[1:], profile))
 
-    prompt = session["replay"][0]["requests"][0]["prompt"]
-    decode_bytes = decode_step_bytes(text_generator.model)
-    decode = _decode_speed(text_generator, prompt, profile.decode_tokens, GemvProbe(decode_bytes))
-    reference = load_generator(layout.generator_path)
-    faces = _face_speed(renderer, reference, bank, face, profile.face_frames)
-    fidelity = _pixel_difference(renderer, StyleGanFaceRenderer(reference, bank), face)
+    async def session() -> dict[str, Any]:
+        """Everything that runs torch runs on the worker's thread, where the models were loaded."""
+        worker.start()
+        try:
+            await _remember(service, profile)
+            served = await _serve(service, messages[0], messages[1:], profile)
+            prompt = served["replay"][0]["requests"][0]["prompt"]
+            components = await worker.call(lambda: _components(text_generator, renderer, layout, bank, prompt, profile))
+            return {**served, **components}
+        finally:
+            await worker.stop()
+
+    session_result = asyncio.run(session())
     return {
-        **session,
+        **session_result,
         "load_s": load_s,
         "peak_rss_bytes": service.peaks,
-        "decode": {**decode, "weight_bytes": decode_bytes},
-        "face": {**faces, **fidelity, "precision": renderer.precision},
         "quantization": asdict(int8_report(text_generator.model)),
         "torch_threads": torch.get_num_threads(),
     }
 
 
-async def _remember(
-    store: InMemoryStore, users: Sequence[str], memories: Sequence[str], embeddings: np.ndarray
-) -> None:
+async def _remember(service: _Service, profile: Profile) -> None:
     """Give every user the stored memories, as earlier turns would have left them."""
+    users = [
+        "warmup",
+        *(f"serial{i}" for i in range(profile.serial_turns)),
+        *(f"crowd{i}" for i in range(profile.users)),
+    ]
+    memories = memory_lines(profile.memories)
+    embeddings = await service.worker.encode(memories)
     for user in users:
         for line, embedding in zip(memories, embeddings, strict=True):
             item = parse_memory_line(line)
@@ -161,41 +188,37 @@ async def _remember(
                 created_at=0.0,
             )
             memory = NewMemory(key=item.key, value=item.value, text=item.text, embedding=embedding)
-            await store.commit_turn(record, memory)
+            await service.store.commit_turn(record, memory)
 
 
 async def _serve(service: _Service, warmup: str, texts: Sequence[str], profile: Profile) -> dict[str, Any]:
     """A warm-up turn, each user's turn one after another, then every user's turn at once."""
-    service.worker.start()
-    try:
-        separate_peaks = reset_peak_rss()
-        await service.turn("warmup", warmup)
-        service.generator.take_records()
+    separate_peaks = reset_peak_rss()
+    await service.turn("warmup", warmup)
+    service.generator.take_records()
 
-        calls, texts_encoded = service.counter.calls, service.counter.texts
-        latencies, stages, replay = [], [], []
-        serial_started = time.perf_counter()
-        for i, text in enumerate(texts[: profile.serial_turns]):
-            latency, timings = await service.turn(f"serial{i}", text)
-            latencies.append(latency)
-            stages.append(timings)
-            replay.append(_turn_record(text, service.generator.take_records()))
-        serial_s = time.perf_counter() - serial_started
-        service.peaks["serial"] = peak_rss_bytes() if separate_peaks else None
-        encoder_calls = (service.counter.calls - calls) / len(latencies)
-        encoder_texts = (service.counter.texts - texts_encoded) / len(latencies)
+    calls, texts_encoded = service.counter.calls, service.counter.texts
+    latencies, stages, replay = [], [], []
+    serial_started = time.perf_counter()
+    for i, text in enumerate(texts[: profile.serial_turns]):
+        latency, timings = await service.turn(f"serial{i}", text)
+        latencies.append(latency)
+        stages.append(timings)
+        replay.append(_turn_record(text, service.generator.take_records()))
+    serial_s = time.perf_counter() - serial_started
+    service.peaks["serial"] = peak_rss_bytes() if separate_peaks else None
+    encoder_calls = (service.counter.calls - calls) / len(latencies)
+    encoder_texts = (service.counter.texts - texts_encoded) / len(latencies)
 
-        reset_peak_rss()
-        calls = service.generator.calls
-        crowd_started = time.perf_counter()
-        crowd = texts[: profile.users]
-        await asyncio.gather(*(service.turn(f"crowd{i}", text) for i, text in enumerate(crowd)))
-        crowd_s = time.perf_counter() - crowd_started
-        service.peaks["crowd"] = peak_rss_bytes() if separate_peaks else None
-        crowd_calls = service.generator.calls - calls
-        crowd_records = service.generator.take_records()
-    finally:
-        await service.worker.stop()
+    reset_peak_rss()
+    calls = service.generator.calls
+    crowd_started = time.perf_counter()
+    crowd = texts[: profile.users]
+    await asyncio.gather(*(service.turn(f"crowd{i}", text) for i, text in enumerate(crowd)))
+    crowd_s = time.perf_counter() - crowd_started
+    service.peaks["crowd"] = peak_rss_bytes() if separate_peaks else None
+    crowd_calls = service.generator.calls - calls
+    crowd_records = service.generator.take_records()
 
     compared = profile.measured_turns
     requests = [request for turn in replay for request in turn["requests"]]
@@ -216,6 +239,29 @@ async def _serve(service: _Service, warmup: str, texts: Sequence[str], profile: 
             "max": max(r["prompt_tokens"] for r in requests),
         },
         "new_tokens_per_turn": statistics.mean(sum(sum(r["new_tokens"]) for r in t["requests"]) for t in replay),
+    }
+
+
+def _components(
+    generator: PeftTextGenerator,
+    renderer: StyleGanFaceRenderer,
+    layout: ModelLayout,
+    bank: FaceBank,
+    prompt: str,
+    profile: Profile,
+) -> dict[str, Any]:
+    """Batch-1 decoding against the bandwidth probe, and the face paths against plain float32."""
+    decode_bytes = decode_step_bytes(generator.model)
+    decode = _decode_speed(generator, prompt, profile.decode_tokens, GemvProbe(decode_bytes))
+    reference = load_generator(layout.generator_path)
+    face = bank.face_numbers()[0]
+    return {
+        "decode": {**decode, "weight_bytes": decode_bytes},
+        "face": {
+            **_face_speed(renderer, reference, bank, face, profile.face_frames),
+            **_pixel_difference(renderer, StyleGanFaceRenderer(reference, bank), face),
+            "precision": renderer.precision,
+        },
     }
 
 

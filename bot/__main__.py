@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 from core.config import LlmBackend, ModelProfile, Settings
 from core.engine import Engine, EngineOptions
 from core.memory import SqliteStore
+from core.types import Models
 from core.worker import InferenceWorker
 
 logger = logging.getLogger("ohlora")
@@ -171,23 +173,26 @@ def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: b
         vllm = VllmEndpoint(settings.vllm_url, api_key, settings.vllm_timeout_s)
     tiny = settings.model_profile is ModelProfile.TINY
     layout = tiny_layout(settings.tiny_models_dir) if tiny else ModelLayout(settings.models_dir)
-    loaded = load_models(
-        layout,
-        device=settings.device,
-        dtype=settings.dtype,
-        llm_int8=settings.llm_int8,
-        face_precision=settings.face_precision,
-        seed=seed,
-        default_face=settings.default_face,
-        verify=not tiny,
-        vllm=vllm,
-    )
-    generator = loaded.generator
-    if show_prompts:
+
+    def load() -> Models:
+        loaded = load_models(
+            layout,
+            device=settings.device,
+            dtype=settings.dtype,
+            llm_int8=settings.llm_int8,
+            face_precision=settings.face_precision,
+            seed=seed,
+            default_face=settings.default_face,
+            verify=not tiny,
+            vllm=vllm,
+        )
+        if not show_prompts:
+            return loaded
         from bot.console import PromptEcho
 
-        generator = PromptEcho(generator, sys.stderr)
-    return InferenceWorker(generator, loaded.embedder, loaded.renderer, stall_after_s=settings.stall_after_s)
+        return dataclasses.replace(loaded, generator=PromptEcho(loaded.generator, sys.stderr))
+
+    return InferenceWorker.loading(load, stall_after_s=settings.stall_after_s)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -201,7 +206,7 @@ def _chat(args: argparse.Namespace) -> int:
     _configure_logging("INFO" if args.verbose else "WARNING")
     if sys.stdin.isatty():
         tiny = settings.model_profile is ModelProfile.TINY
-        first_time = " (the first run builds the tiny models, about a minute)" if tiny else ""
+        first_time = " (the first run builds the tiny models and the int8 kernel, 1-2 minutes)" if tiny else ""
         print(f"오로라를 깨우는 중… loading models{first_time}", file=sys.stderr)
     try:
         worker = _load_worker(settings, seed=args.seed, show_prompts=args.show_prompts)

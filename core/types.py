@@ -141,6 +141,15 @@ class FaceRenderer(Protocol):
     def render(self, request: FaceRequest) -> RenderedFace: ...
 
 
+@dataclass(frozen=True)
+class Models:
+    """The three model-side parts of a turn, as the composition root hands them to the worker."""
+
+    generator: TextGenerator
+    embedder: Embedder
+    renderer: FaceRenderer
+
+
 class ReplyKind(str, Enum):
     ANSWER = "answer"
     NOTICE = "notice"

@@ -60,6 +60,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from core.prompts import ANSWER_END
 from core.types import Generation, GenerationRequest, Task
+from models import int8_kernel
 from models.device import resolve_device, resolve_dtype
 from models.errors import CheckpointMismatch, ModelFilesMissing
 from models.hub import ADAPTER_FILES, BASE_MODEL_FILES, fix_command, missing_files
@@ -365,7 +366,7 @@ def load_text_generator(
     if int8:
         if torch_device.type != "cpu":
             raise ValueError(f"int8 base weights run on the CPU only, not on {torch_device}")
-        quantize_base_linears(model)
+        quantize_base_linears(model, int8_kernel.load())
     tokenizer = AutoTokenizer.from_pretrained(layout.adapter_dir(Task.OUTPUT_MESSAGE), local_files_only=True)
     return PeftTextGenerator(model, tokenizer, greedy=greedy)
 

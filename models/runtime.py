@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.types import Embedder, FaceRenderer, TextGenerator
+from core.types import Models, TextGenerator
 from models.device import resolve_device, resolve_int8
 from models.face import load_face_renderer, resolve_precision
 from models.hub import PARTS, verify_layout
@@ -24,13 +24,6 @@ class VllmEndpoint:
     url: str
     api_key: str | None = None
     timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class LoadedModels:
-    generator: TextGenerator
-    embedder: Embedder
-    renderer: FaceRenderer
 
 
 def tiny_layout(root: Path) -> ModelLayout:
@@ -51,7 +44,7 @@ def load_models(
     default_face: int | None = None,
     verify: bool = True,
     vllm: VllmEndpoint | None = None,
-) -> LoadedModels:
+) -> Models:
     """Strict loading of the LLM with its adapters, the S-BERT and the face generator.
 
     `verify` checks the whole real layout first (the tiny stand-ins carry their own data, which
@@ -63,7 +56,7 @@ def load_models(
         # With vLLM the base model lives on the GPU host; only the adapters' tokenizer is needed here.
         verify_layout(layout, [part for part in PARTS if not (vllm and part == "llm")])
     logger.info("loading models from %s", layout.root)
-    return LoadedModels(
+    return Models(
         generator=_text_generator(layout, device=device, dtype=dtype, int8=llm_int8, vllm=vllm),
         embedder=load_embedder(layout, device=device),
         renderer=load_face_renderer(

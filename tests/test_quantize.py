@@ -12,9 +12,19 @@ from transformers import AutoTokenizer
 
 from core.prompts import TASK_SETTINGS, build_request
 from core.types import Task
+from models import int8_kernel
+from models.int8_kernel import Int8Kernel
 from models.layout import TASKS, ModelLayout
 from models.llm import PeftTextGenerator, load_text_generator
-from models.quantize import DynamicInt8Linear, compare_logits, prompt_logits, quantize_base_linears
+from models.quantize import (
+    DynamicInt8Linear,
+    OneDnnInt8Linear,
+    VnniInt8Linear,
+    compare_logits,
+    int8_linear,
+    prompt_logits,
+    quantize_base_linears,
+)
 from models.tiny import ensure_tiny_models, load_examples
 from tests.conftest import REPO_ROOT
 
@@ -24,6 +34,22 @@ PROMPTS_PER_TASK = 6
 @pytest.fixture(scope="module")
 def layout() -> ModelLayout:
     return ensure_tiny_models(REPO_ROOT / "data" / "tiny_models")
+
+
+@pytest.fixture(params=["onednn", "ours"])
+def kernel(request: pytest.FixtureRequest) -> Int8Kernel | None:
+    """Both int8 kernels: oneDNN's (None) and ours, where this machine can build and run it."""
+    if request.param == "onednn":
+        return None
+    return request.getfixturevalue("ours")
+
+
+@pytest.fixture
+def ours() -> Int8Kernel:
+    built = int8_kernel.load()
+    if built is None:
+        pytest.skip("our int8 kernel needs AVX512-VNNI and a C++ compiler; the log says which is missing")
+    return built
 
 
 def load(layout: ModelLayout) -> tuple[PeftModel, Any]:
@@ -45,11 +71,11 @@ def linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear | DynamicInt8Linear)}
 
 
-def test_only_the_base_layers_become_int8(layout: ModelLayout) -> None:
+def test_only_the_base_layers_become_int8(layout: ModelLayout, kernel: Int8Kernel | None) -> None:
     model, _ = load(layout)
     before = linears(model)
     adapter_weights = {name: p.clone() for name, p in model.named_parameters() if ".lora_" in name}
-    report = quantize_base_linears(model)
+    report = quantize_base_linears(model, kernel)
 
     after = linears(model)
     assert set(after) == set(before)
@@ -62,34 +88,34 @@ def test_only_the_base_layers_become_int8(layout: ModelLayout) -> None:
     assert all(torch.equal(adapters_now[name], value) for name, value in adapter_weights.items())
 
 
-def test_int8_logits_agree_with_the_original_on_tiny_prompts(layout: ModelLayout) -> None:
+def test_int8_logits_agree_with_the_original_on_tiny_prompts(layout: ModelLayout, kernel: Int8Kernel | None) -> None:
     model, tokenizer = load(layout)
     batches = [(task.value, tokenizer(prompt, return_tensors="pt")["input_ids"]) for task, prompt in tiny_prompts()]
     reference = prompt_logits(model, batches)
-    quantize_base_linears(model)
+    quantize_base_linears(model, kernel)
     agreement = compare_logits(reference, prompt_logits(model, batches))
     assert agreement.positions == sum(ids.shape[1] for _, ids in batches)
     assert agreement.top1 >= 0.95
     assert agreement.relative_error < 0.05
 
 
-def test_quantized_model_answers_like_the_original(layout: ModelLayout) -> None:
+def test_quantized_model_answers_like_the_original(layout: ModelLayout, kernel: Int8Kernel | None) -> None:
     """Greedy answers of all four adapters in one mixed batch, before and after int8."""
     model, tokenizer = load(layout)
     requests = [
         build_request(task, prompt) for task, prompt in tiny_prompts() if TASK_SETTINGS[task].max_total_tokens is None
     ]
     before = PeftTextGenerator(model, tokenizer, greedy=True).generate(requests)
-    quantize_base_linears(model)
+    quantize_base_linears(model, kernel)
     after = PeftTextGenerator(model, tokenizer, greedy=True).generate(requests)
     same = sum(a[0].text == b[0].text for a, b in zip(before, after, strict=True))
     assert same >= 0.8 * len(requests)
 
 
-def test_the_adapters_still_decide_after_quantisation(layout: ModelLayout) -> None:
+def test_the_adapters_still_decide_after_quantisation(layout: ModelLayout, kernel: Int8Kernel | None) -> None:
     """output_message and memory see the same prompt; only their adapters tell them apart."""
     model, tokenizer = load(layout)
-    quantize_base_linears(model)
+    quantize_base_linears(model, kernel)
     ids = tokenizer("나 떡볶이 진짜 좋아해 (답변 시작)", return_tensors="pt")["input_ids"]
     answer, memory = prompt_logits(model, [(Task.OUTPUT_MESSAGE.value, ids), (Task.MEMORY.value, ids)])
     assert not torch.allclose(answer, memory, atol=1e-2)
@@ -108,11 +134,13 @@ def test_compare_logits() -> None:
         compare_logits([], [])
 
 
-def test_a_quantised_layer_computes_what_its_weight_says() -> None:
+def test_a_quantised_layer_computes_what_its_weight_says(kernel: Int8Kernel | None) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
-    layer = DynamicInt8Linear(linear)
-    assert layer.weight_bytes == 64 * 48 + 4 * 48 + 4 * 48
+    layer = int8_linear(linear, kernel)
+    assert isinstance(layer, OneDnnInt8Linear if kernel is None else VnniInt8Linear)
+    row_sums = 0 if kernel is None else 4 * 48
+    assert layer.weight_bytes == 64 * 48 + 4 * 48 + 4 * 48 + row_sums
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(2, 5, 64).to(dtype)
         out = layer(x)
@@ -120,5 +148,36 @@ def test_a_quantised_layer_computes_what_its_weight_says() -> None:
         expected = linear(x.float())
         assert (out.float() - expected).norm() / expected.norm() < 0.02
     # No bias, and an all-zero input (its scale must not divide by zero).
-    unbiased = DynamicInt8Linear(nn.Linear(64, 8, bias=False))
+    unbiased = int8_linear(nn.Linear(64, 8, bias=False), kernel)
     assert torch.equal(unbiased(torch.zeros(3, 64)), torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("rows", [1, 3, VnniInt8Linear.MAX_KERNEL_ROWS, VnniInt8Linear.MAX_KERNEL_ROWS + 1, 200])
+@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (7, 100), (301, 1000), (5, 1)])
+def test_our_kernel_on_every_shape(ours: Int8Kernel, rows: int, out_features: int, in_features: int) -> None:
+    """Row counts on both sides of the GEMV/GEMM switch; sizes that are not multiples of the
+    kernel's 4 output rows or 64 input columns; float32, bfloat16 and float16 inputs."""
+    torch.manual_seed(rows * out_features + in_features)
+    linear = nn.Linear(in_features, out_features)
+    layer = VnniInt8Linear(linear, ours)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(rows, in_features).to(dtype)
+        out = layer(x)
+        assert out.dtype == dtype and out.shape == (rows, out_features)
+        expected = linear(x.float())
+        assert (out.float() - expected).norm() / expected.norm() < 0.02, dtype
+
+
+def test_our_kernel_rejects_what_it_cannot_multiply(ours: Int8Kernel) -> None:
+    weight, scales, sums, bias = (
+        torch.zeros(4, 8, dtype=torch.int8),
+        torch.ones(4),
+        torch.zeros(4, dtype=torch.int32),
+        torch.empty(0),
+    )
+    with pytest.raises(RuntimeError, match="features"):
+        ours.int8_linear(torch.zeros(1, 9), weight, scales, sums, bias)
+    with pytest.raises(RuntimeError, match="int8 matrix"):
+        ours.int8_linear(torch.zeros(1, 8), weight.float(), scales, sums, bias)
+    with pytest.raises(RuntimeError, match="scale"):
+        ours.int8_linear(torch.zeros(1, 8), weight, torch.ones(3), sums, bias)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from core.types import Generation, GenerationRequest, Task
+from core.types import Generation, GenerationRequest, Models, Task
 from core.worker import InferenceWorker, ModelStalled
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeRenderer
 
@@ -246,3 +246,32 @@ async def test_stop_returns_while_an_abandoned_call_still_hangs() -> None:
 def test_the_stall_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stall_after_s"):
         InferenceWorker(FakeGenerator(), FakeEmbedder(), FakeRenderer(), stall_after_s=0)
+
+
+async def test_models_are_served_by_the_thread_that_loaded_them() -> None:
+    """Per-thread runtime state (torch's OpenMP teams) is only shared if loading and serving share a thread."""
+    loaded_on: list[int] = []
+    generator = FakeGenerator()
+
+    def load() -> Models:
+        loaded_on.append(threading.get_ident())
+        return Models(generator, FakeEmbedder(), FakeRenderer())
+
+    worker = InferenceWorker.loading(load)
+    assert len(loaded_on) == 1, "loading() returns once the models are loaded"
+    worker.start()
+    try:
+        served_on = await worker.call(threading.get_ident)
+        generations = await worker.generate([request("a")])
+    finally:
+        await worker.stop()
+    assert served_on == loaded_on[0] != threading.get_ident()
+    assert len(generations[0]) == 1 and [r.prompt for r in generator.calls[0]] == ["a"]
+
+
+def test_a_load_that_fails_raises_where_the_worker_was_asked_for() -> None:
+    def load() -> Models:
+        raise FileNotFoundError("no checkpoint")
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        InferenceWorker.loading(load)
