@@ -40,14 +40,15 @@ def cpu_has_fast_bfloat16() -> bool:
 
 
 def cpu_has_fast_int8() -> bool:
-    """True when this CPU has int8 dot-product instructions (VNNI or AMX), which oneDNN's int8 uses."""
+    """True when this CPU has int8 dot-product instructions (VNNI or AMX), which the int8 kernels use."""
     return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def resolve_int8(setting: str, device: torch.device) -> bool:
     """Whether the base model's linear layers run in int8 ("auto": on a CPU that has int8 in hardware).
 
-    The int8 kernels are oneDNN's CPU ones; on a GPU the base model stays in its float dtype.
+    The int8 kernels (ours and oneDNN's, `models.quantize`) are CPU ones; on a GPU the base model
+    stays in its float dtype.
     """
     if setting == "auto":
         return device.type == "cpu" and cpu_has_fast_int8()

@@ -66,7 +66,8 @@ def load() -> Int8Kernel | None:
         )
     except Exception as error:  # a missing compiler, headers or ninja: all mean "not here"
         lines = str(error).splitlines() or [type(error).__name__]
-        reason = next((line for line in lines if "error" in line.lower()), lines[0])
+        # The compiler's own "error:" line says more than the first line, a long command.
+        reason = next((line.strip() for line in lines if "error:" in line), lines[0])
         logger.warning("int8: could not build the decoding kernel (%s); using oneDNN's slower one", reason)
         logger.debug("int8: the build said", exc_info=True)
         return None

@@ -24,6 +24,7 @@ go out concurrently from a small thread pool, so the server batches them with ev
 is serving. Tokenizing stays on the calling thread. A request's deadline bounds the wait for its
 answer: past it, its samples come back empty (nobody waits for them any more) while the other
 requests of the call are answered as usual, so one stalled server cannot hold the worker up.
+It also bounds the retries: none starts, or waits, past it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential,
+)
+from tenacity.stop import stop_base
 
 from core.prompts import ANSWER_END
 from core.types import Generation, GenerationRequest, Task
@@ -213,7 +222,9 @@ class VllmTextGenerator:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
         plans = [self._plan(request) for request in requests]
         futures: list[Future[Json] | None] = [
-            self._pool.submit(self._call, "POST", plan.url, "/v1/completions", plan.payload()) if plan.sends else None
+            self._pool.submit(self._call, "POST", plan.url, "/v1/completions", plan.payload(), plan.request.deadline)
+            if plan.sends
+            else None
             for plan in plans
         ]
         try:
@@ -346,8 +357,14 @@ class VllmTextGenerator:
             counted = len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
         return min(counted, plan.max_tokens)
 
-    def _call(self, method: str, url: str, path: str, payload: Json | None = None) -> Json:
-        """One HTTP exchange with retries on connection failures and 5xx; errors say what to do."""
+    def _call(
+        self, method: str, url: str, path: str, payload: Json | None = None, deadline: float | None = None
+    ) -> Json:
+        """One HTTP exchange with retries on connection failures and 5xx; errors say what to do.
+
+        No retry starts, or sleeps, past `deadline` (a `time.monotonic()` instant): nobody is
+        waiting for the answer by then.
+        """
 
         def log_retry(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
@@ -366,8 +383,11 @@ class VllmTextGenerator:
             response.raise_for_status()
             return response
 
+        stop: stop_base = stop_after_attempt(self._retry.attempts)
+        if deadline is not None:
+            stop = stop | stop_before_delay(max(0.0, deadline - time.monotonic()))
         retrying = Retrying(
-            stop=stop_after_attempt(self._retry.attempts),
+            stop=stop,
             wait=wait_exponential(multiplier=self._retry.first_wait_s, max=self._retry.max_wait_s),
             retry=retry_if_exception(_is_transient),
             before_sleep=log_retry,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -181,3 +183,43 @@ def test_our_kernel_rejects_what_it_cannot_multiply(ours: Int8Kernel) -> None:
         ours.int8_linear(torch.zeros(1, 8), weight.float(), scales, sums, bias)
     with pytest.raises(RuntimeError, match="scale"):
         ours.int8_linear(torch.zeros(1, 8), weight, torch.ones(3), sums, bias)
+
+
+@pytest.fixture
+def fresh_kernel_load() -> Iterator[None]:
+    """`int8_kernel.load` remembers its answer per process; these tests change the answer."""
+    int8_kernel.load.cache_clear()
+    yield
+    int8_kernel.load.cache_clear()
+
+
+def test_without_vnni_the_kernel_is_not_built(
+    monkeypatch: pytest.MonkeyPatch, fresh_kernel_load: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", _must_not_build)
+    with caplog.at_level(logging.INFO, logger="models.int8_kernel"):
+        assert int8_kernel.load() is None
+    assert "no AVX512-VNNI" in caplog.text
+
+
+def test_a_failed_build_falls_back_with_one_line_that_says_why(
+    monkeypatch: pytest.MonkeyPatch, fresh_kernel_load: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)
+
+    def broken_build(**_: object) -> None:
+        raise RuntimeError("Error building extension\nninja: build stopped\nc++: error: command not found: g++")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", broken_build)
+    with caplog.at_level(logging.WARNING, logger="models.int8_kernel"):
+        assert int8_kernel.load() is None
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "command not found: g++" in warnings[0] and "oneDNN" in warnings[0]
+    model = nn.Sequential(nn.Linear(8, 4))
+    quantize_base_linears(model, int8_kernel.load())
+    assert isinstance(model[0], OneDnnInt8Linear)
+
+
+def _must_not_build(**_: object) -> None:
+    raise AssertionError("the kernel was built on a CPU without VNNI")

@@ -403,6 +403,20 @@ def test_a_server_error_that_persists_gives_up_after_the_attempts(
     assert len(server.completions()) == NO_WAIT.attempts
 
 
+def test_no_retry_starts_after_the_deadline(tokenizer: PreTrainedTokenizerFast, fake_vllm: ServerFactory) -> None:
+    """A failing server is not retried for a turn that has already been given up on."""
+    patient = RetryPolicy(attempts=10, first_wait_s=0.2, max_wait_s=0.2)
+    with fake_vllm(["summary"]) as server:
+        server.fail_next(100, status=503)
+        with VllmTextGenerator(dict.fromkeys(TASKS, server.base_url), tokenizer, retry=patient) as backend:
+            request = replace(build_request(Task.SUMMARY, "요약해 줘 (답변 시작)"), deadline=time.monotonic() + 0.5)
+            with pytest.raises(VllmUnavailable, match="kept failing"):
+                backend.generate([request])
+        # Leaving the block waited for the request thread, so every attempt it made is counted.
+        attempts = len(server.completions())
+    assert 1 <= attempts <= 4, f"{attempts} attempts for a 0.5 s deadline with 0.2 s between them"
+
+
 def test_a_refused_request_is_not_retried(tokenizer: PreTrainedTokenizerFast, fake_vllm: ServerFactory) -> None:
     with fake_vllm(["output_message"]) as server:
         endpoints = dict.fromkeys(TASKS, server.base_url)
