@@ -172,9 +172,11 @@ def _load_worker(settings: Settings, *, seed: int | None = None, show_prompts: b
         api_key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         vllm = VllmEndpoint(settings.vllm_url, api_key, settings.vllm_timeout_s)
     tiny = settings.model_profile is ModelProfile.TINY
-    layout = tiny_layout(settings.tiny_models_dir) if tiny else ModelLayout(settings.models_dir)
 
     def load() -> Models:
+        # Inside: building the tiny models on a first run trains them, and torch work belongs on
+        # the serving thread (see `InferenceWorker.loading`).
+        layout = tiny_layout(settings.tiny_models_dir) if tiny else ModelLayout(settings.models_dir)
         loaded = load_models(
             layout,
             device=settings.device,
