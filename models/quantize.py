@@ -81,6 +81,8 @@ class VnniInt8Linear(DynamicInt8Linear):
 
     MAX_KERNEL_ROWS = 4
     """Up to this many input rows our kernel is the faster; above it, the GEMM."""
+    MAX_IN_FEATURES = 65536
+    """Our kernel's int32 sums are exact up to this width (255 * 127 * 65536 < 2**31)."""
 
     def __init__(self, linear: nn.Linear, kernel: Int8Kernel) -> None:
         super().__init__(linear)
@@ -137,8 +139,10 @@ _ZERO = torch.zeros((), dtype=torch.long)
 
 
 def int8_linear(linear: nn.Linear, kernel: Int8Kernel | None) -> DynamicInt8Linear:
-    """`linear` in int8, on our kernel when there is one, else on oneDNN's."""
-    return OneDnnInt8Linear(linear) if kernel is None else VnniInt8Linear(linear, kernel)
+    """`linear` in int8, on our kernel when there is one and the layer fits it, else on oneDNN's."""
+    if kernel is None or linear.in_features > VnniInt8Linear.MAX_IN_FEATURES:
+        return OneDnnInt8Linear(linear)
+    return VnniInt8Linear(linear, kernel)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,15 @@ def test_our_kernel_on_every_shape(ours: Int8Kernel, rows: int, out_features: in
         assert (out.float() - expected).norm() / expected.norm() < 0.02, dtype
 
 
+def test_a_layer_too_wide_for_our_kernel_goes_to_onednn(ours: Int8Kernel) -> None:
+    with torch.device("meta"):
+        wide = nn.Linear(VnniInt8Linear.MAX_IN_FEATURES + 1, 2)
+    wide.weight = nn.Parameter(torch.ones(2, VnniInt8Linear.MAX_IN_FEATURES + 1))
+    wide.bias = nn.Parameter(torch.zeros(2))
+    assert isinstance(int8_linear(wide, ours), OneDnnInt8Linear)
+    assert isinstance(int8_linear(nn.Linear(64, 2), ours), VnniInt8Linear)
+
+
 def test_our_kernel_rejects_what_it_cannot_multiply(ours: Int8Kernel) -> None:
     weight, scales, sums, bias = (
         torch.zeros(4, 8, dtype=torch.int8),
@@ -183,6 +192,9 @@ def test_our_kernel_rejects_what_it_cannot_multiply(ours: Int8Kernel) -> None:
         ours.int8_linear(torch.zeros(1, 8), weight.float(), scales, sums, bias)
     with pytest.raises(RuntimeError, match="scale"):
         ours.int8_linear(torch.zeros(1, 8), weight, torch.ones(3), sums, bias)
+    too_wide = VnniInt8Linear.MAX_IN_FEATURES + 1
+    with pytest.raises(RuntimeError, match="overflow"):
+        ours.int8_linear(torch.zeros(1, too_wide), torch.zeros(4, too_wide, dtype=torch.int8), scales, sums, bias)
 
 
 @pytest.fixture
