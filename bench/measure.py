@@ -84,10 +84,10 @@ class GemvProbe:
     COLUMNS = 2048
 
     def __init__(self, total_bytes: int) -> None:
-        from models import int8_kernel
+        from models import cpu_kernel
         from models.quantize import int8_linear
 
-        kernel = int8_kernel.load()
+        kernel = cpu_kernel.load()
 
         generator = torch.Generator().manual_seed(0)
         chunks = max(1, round(total_bytes / self.CHUNK_BYTES))

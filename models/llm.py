@@ -60,11 +60,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from core.prompts import ANSWER_END
 from core.types import Generation, GenerationRequest, Task
-from models import int8_kernel
+from models import cpu_kernel
+from models.cpu_kernel import CpuKernel
 from models.device import resolve_device, resolve_dtype
 from models.errors import CheckpointMismatch, ModelFilesMissing
 from models.hub import ADAPTER_FILES, BASE_MODEL_FILES, fix_command, missing_files
 from models.layout import TASKS, ModelLayout
+from models.neox_step import NeoXStep, StepCache
 from models.quantize import quantize_base_linears
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class PeftTextGenerator:
     Not thread-safe: one inference worker owns it. `greedy` replaces sampling by argmax, which
     makes outputs comparable across batch layouts in tests; a request at temperature 0 is also
     decoded greedily. `stop_text` ends a sequence right after it appears in the new text.
+    `kernel` (`models.cpu_kernel`) speeds up the decoding steps' LoRA products on the CPU.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class PeftTextGenerator:
         *,
         greedy: bool = False,
         stop_text: str = ANSWER_END,
+        kernel: CpuKernel | None = None,
     ) -> None:
         absent = [task.value for task in TASKS if task.value not in model.peft_config]
         if absent:
@@ -131,6 +135,7 @@ class PeftTextGenerator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._pad_id = pad if pad is not None else 0
         self._device = next(model.parameters()).device
+        self._step = NeoXStep(self._model, kernel)
 
     @property
     def model(self) -> PeftModel:
@@ -192,15 +197,13 @@ class PeftTextGenerator:
         """Prefill each prompt once, repeat its cache for its samples, then decode every row."""
         input_ids, attention_mask = self._left_pad([job.prompt_ids for job in jobs])
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        output = self._forward(input_ids, attention_mask, positions, None, [job.request.task for job in jobs])
-        cache = _cache_of(output)
+        output = self._prefill(input_ids, attention_mask, positions, [job.request.task for job in jobs])
 
         owner = torch.tensor([j for j, job in enumerate(jobs) for _ in job.rows], device=self._device)
-        cache.batch_select_indices(owner)
         rows = [row for job in jobs for row in job.rows]
         logits = _last_logits(output)[owner]
-        attention_mask = attention_mask[owner]
-        next_position = positions[owner, -1:] + 1
+        next_position = positions[owner, -1] + 1
+        cache: StepCache | None = None
 
         while True:
             tokens = self._next_tokens(logits, rows)
@@ -211,35 +214,28 @@ class PeftTextGenerator:
             finished = sum(row.done for row in rows)
             if finished == len(rows):
                 return
+            if cache is None:
+                room = max(job.limit for job in jobs)
+                cache = self._step.cache_from(_cache_of(output), owner, attention_mask[owner], room)
             # Finished rows keep their place (fed padding, their output ignored) until they are
             # half the batch; then the batch and its cache shrink. That bounds the copying to a
             # few times per call while a long tail of short answers stops costing compute.
             if 2 * finished >= len(rows):
                 keep = torch.tensor([i for i, row in enumerate(rows) if not row.done], device=self._device)
-                cache.batch_select_indices(keep)
+                cache = cache.select(keep)
                 rows = [row for row in rows if not row.done]
-                tokens, attention_mask, next_position = tokens[keep], attention_mask[keep], next_position[keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-            tasks = [row.job.request.task for row in rows]
-            output = self._forward(tokens[:, None], attention_mask, next_position, cache, tasks)
-            cache = _cache_of(output)
-            logits = _last_logits(output)
+                tokens, next_position = tokens[keep], next_position[keep]
+            logits = self._step(tokens, next_position, cache, [row.job.request.task.value for row in rows])
             next_position = next_position + 1
 
-    def _forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: Cache | None,
-        tasks: list[Task],
+    def _prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, tasks: list[Task]
     ) -> CausalLMOutputWithPast:
-        """One step for a batch whose rows each name their adapter."""
+        """The prompts through the HF forward, each row through its adapter; the steps go through `NeoXStep`."""
         output: CausalLMOutputWithPast = self._model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=True,
             logits_to_keep=_last_position(input_ids),
             adapter_names=[task.value for task in tasks],
@@ -363,12 +359,13 @@ def load_text_generator(
             str(folder), adapter_name=task.value, torch_device=str(torch_device), low_cpu_mem_usage=True
         )
         _require_exact(folder, {"missing_keys": result.missing_keys, "unexpected_keys": result.unexpected_keys})
+    if int8 and torch_device.type != "cpu":
+        raise ValueError(f"int8 base weights run on the CPU only, not on {torch_device}")
+    kernel = cpu_kernel.load() if torch_device.type == "cpu" else None
     if int8:
-        if torch_device.type != "cpu":
-            raise ValueError(f"int8 base weights run on the CPU only, not on {torch_device}")
-        quantize_base_linears(model, int8_kernel.load())
+        quantize_base_linears(model, kernel)
     tokenizer = AutoTokenizer.from_pretrained(layout.adapter_dir(Task.OUTPUT_MESSAGE), local_files_only=True)
-    return PeftTextGenerator(model, tokenizer, greedy=greedy)
+    return PeftTextGenerator(model, tokenizer, greedy=greedy, kernel=kernel)
 
 
 def _require_exact(folder: Path, info: Mapping[str, Collection[str]]) -> None:

@@ -3,7 +3,7 @@
 Decoding one token at a time is bound by reading the weights, so storing the base model's
 matrices as int8 (one scale per output row) halves the bytes per step against bfloat16. The
 activations are quantised on the fly and the product comes back in the model's dtype. Two
-kernels do it: ours (`models.int8_kernel`, for CPUs with AVX512-VNNI), which streams the
+kernels do it: ours (`models.cpu_kernel`, for CPUs with AVX512-VNNI), which streams the
 weights at close to a float32 `mv`'s bandwidth, and oneDNN's int8 linear everywhere else. The
 LoRA adapters stay as PEFT loads them, in float32: they are small, each user's answer depends
 on them, and on CPU a float32 product of a few rows is several times faster than a bfloat16 one.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.int8_kernel import Int8Kernel
+from models.cpu_kernel import CpuKernel
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,16 @@ class DynamicInt8Linear(nn.Module):
 
 
 class VnniInt8Linear(DynamicInt8Linear):
-    """Our kernel (`models.int8_kernel`) for a few rows: one scale per row, one pass over the weight.
+    """Our kernel (`models.cpu_kernel`) for a few rows: one scale per row, one pass over the weight.
 
     More rows make the product compute-bound; those go to `torch._int_mm`, which has AMX/VNNI
     GEMMs behind it, with the quantising and rescaling done in one pass each by our kernel.
     Milliseconds for a Polyglot-Ko-sized stack of 96 layers (1.2 GB of int8) at 1 / 2 / 4 / 8 /
-    16 / 32 input rows, interleaved on the 2-core AMX Xeon (float32 `mv` over the same bytes: 50):
+    16 / 32 input rows, interleaved on the 2-core AMX Xeon (float32 `mv` over the same bytes:
+    45-50; two runs, the kernel's first version in the first):
 
-    | ours                     | 61 / 77 / 93 / – / 210 / 344    |
+    | ours, 16-row blocks      | 45 / 54 / 75 / – / – / –         |
+    | ours, 4-row tiles        | 61 / 77 / 93 / – / 210 / 344     |
     | `_int_mm`                | 104 / 105 / 108 / 115 / 135 / 165 |
     | oneDNN's int8 linear     | 127 / 152 / 142 / – / 147 / 177 |
 
@@ -84,7 +86,7 @@ class VnniInt8Linear(DynamicInt8Linear):
     MAX_IN_FEATURES = 65536
     """Our kernel's int32 sums are exact up to this width (255 * 127 * 65536 < 2**31)."""
 
-    def __init__(self, linear: nn.Linear, kernel: Int8Kernel) -> None:
+    def __init__(self, linear: nn.Linear, kernel: CpuKernel) -> None:
         super().__init__(linear)
         self._kernel = kernel
         self._row_sums = self._int8.sum(dim=1, dtype=torch.int32)
@@ -138,7 +140,7 @@ class OneDnnInt8Linear(DynamicInt8Linear):
 _ZERO = torch.zeros((), dtype=torch.long)
 
 
-def int8_linear(linear: nn.Linear, kernel: Int8Kernel | None) -> DynamicInt8Linear:
+def int8_linear(linear: nn.Linear, kernel: CpuKernel | None) -> DynamicInt8Linear:
     """`linear` in int8, on our kernel when there is one and the layer fits it, else on oneDNN's."""
     if kernel is None or linear.in_features > VnniInt8Linear.MAX_IN_FEATURES:
         return OneDnnInt8Linear(linear)
@@ -155,10 +157,10 @@ class QuantizationReport:
     """Bytes the same layers held before."""
 
 
-def quantize_base_linears(model: nn.Module, kernel: Int8Kernel | None = None) -> QuantizationReport:
+def quantize_base_linears(model: nn.Module, kernel: CpuKernel | None = None) -> QuantizationReport:
     """Replace every base-model `nn.Linear` of `model` by a `DynamicInt8Linear`, in place.
 
-    `kernel` is our int8 kernel (`models.int8_kernel.load()`); None keeps oneDNN's.
+    `kernel` is our int8 kernel (`models.cpu_kernel.load()`); None keeps oneDNN's.
 
     Attach the LoRA adapters before calling this: adapter weights (PEFT's `lora_*` modules) are
     left as they are, and PEFT cannot add an adapter to a layer once it is replaced.

@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from core.prompts import TASK_SETTINGS, build_request
 from core.types import Task
-from models import int8_kernel
-from models.int8_kernel import Int8Kernel
+from models import cpu_kernel
+from models.cpu_kernel import CpuKernel
 from models.layout import TASKS, ModelLayout
 from models.llm import PeftTextGenerator, load_text_generator
 from models.quantize import (
@@ -39,7 +39,7 @@ def layout() -> ModelLayout:
 
 
 @pytest.fixture(params=["onednn", "ours"])
-def kernel(request: pytest.FixtureRequest) -> Int8Kernel | None:
+def kernel(request: pytest.FixtureRequest) -> CpuKernel | None:
     """Both int8 kernels: oneDNN's (None) and ours, where this machine can build and run it."""
     if request.param == "onednn":
         return None
@@ -47,8 +47,8 @@ def kernel(request: pytest.FixtureRequest) -> Int8Kernel | None:
 
 
 @pytest.fixture
-def ours() -> Int8Kernel:
-    built = int8_kernel.load()
+def ours() -> CpuKernel:
+    built = cpu_kernel.load()
     if built is None:
         pytest.skip("our int8 kernel needs AVX512-VNNI and a C++ compiler; the log says which is missing")
     return built
@@ -73,7 +73,7 @@ def linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear | DynamicInt8Linear)}
 
 
-def test_only_the_base_layers_become_int8(layout: ModelLayout, kernel: Int8Kernel | None) -> None:
+def test_only_the_base_layers_become_int8(layout: ModelLayout, kernel: CpuKernel | None) -> None:
     model, _ = load(layout)
     before = linears(model)
     adapter_weights = {name: p.clone() for name, p in model.named_parameters() if ".lora_" in name}
@@ -90,7 +90,7 @@ def test_only_the_base_layers_become_int8(layout: ModelLayout, kernel: Int8Kerne
     assert all(torch.equal(adapters_now[name], value) for name, value in adapter_weights.items())
 
 
-def test_int8_logits_agree_with_the_original_on_tiny_prompts(layout: ModelLayout, kernel: Int8Kernel | None) -> None:
+def test_int8_logits_agree_with_the_original_on_tiny_prompts(layout: ModelLayout, kernel: CpuKernel | None) -> None:
     model, tokenizer = load(layout)
     batches = [(task.value, tokenizer(prompt, return_tensors="pt")["input_ids"]) for task, prompt in tiny_prompts()]
     reference = prompt_logits(model, batches)
@@ -101,7 +101,7 @@ def test_int8_logits_agree_with_the_original_on_tiny_prompts(layout: ModelLayout
     assert agreement.relative_error < 0.05
 
 
-def test_quantized_model_answers_like_the_original(layout: ModelLayout, kernel: Int8Kernel | None) -> None:
+def test_quantized_model_answers_like_the_original(layout: ModelLayout, kernel: CpuKernel | None) -> None:
     """Greedy answers of all four adapters in one mixed batch, before and after int8."""
     model, tokenizer = load(layout)
     requests = [
@@ -114,7 +114,7 @@ def test_quantized_model_answers_like_the_original(layout: ModelLayout, kernel: 
     assert same >= 0.8 * len(requests)
 
 
-def test_the_adapters_still_decide_after_quantisation(layout: ModelLayout, kernel: Int8Kernel | None) -> None:
+def test_the_adapters_still_decide_after_quantisation(layout: ModelLayout, kernel: CpuKernel | None) -> None:
     """output_message and memory see the same prompt; only their adapters tell them apart."""
     model, tokenizer = load(layout)
     quantize_base_linears(model, kernel)
@@ -136,7 +136,7 @@ def test_compare_logits() -> None:
         compare_logits([], [])
 
 
-def test_a_quantised_layer_computes_what_its_weight_says(kernel: Int8Kernel | None) -> None:
+def test_a_quantised_layer_computes_what_its_weight_says(kernel: CpuKernel | None) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
     layer = int8_linear(linear, kernel)
@@ -154,11 +154,11 @@ def test_a_quantised_layer_computes_what_its_weight_says(kernel: Int8Kernel | No
     assert torch.equal(unbiased(torch.zeros(3, 64)), torch.zeros(3, 8))
 
 
-@pytest.mark.parametrize("rows", [1, 3, VnniInt8Linear.MAX_KERNEL_ROWS, VnniInt8Linear.MAX_KERNEL_ROWS + 1, 200])
+@pytest.mark.parametrize("rows", [1, 2, 3, VnniInt8Linear.MAX_KERNEL_ROWS, VnniInt8Linear.MAX_KERNEL_ROWS + 1, 200])
 @pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (7, 100), (301, 1000), (5, 1)])
-def test_our_kernel_on_every_shape(ours: Int8Kernel, rows: int, out_features: int, in_features: int) -> None:
+def test_our_kernel_on_every_shape(ours: CpuKernel, rows: int, out_features: int, in_features: int) -> None:
     """Row counts on both sides of the GEMV/GEMM switch; sizes that are not multiples of the
-    kernel's 4 output rows or 64 input columns; float32, bfloat16 and float16 inputs."""
+    kernel's 16-row blocks or 64 input columns; float32, bfloat16 and float16 inputs."""
     torch.manual_seed(rows * out_features + in_features)
     linear = nn.Linear(in_features, out_features)
     layer = VnniInt8Linear(linear, ours)
@@ -170,7 +170,7 @@ def test_our_kernel_on_every_shape(ours: Int8Kernel, rows: int, out_features: in
         assert (out.float() - expected).norm() / expected.norm() < 0.02, dtype
 
 
-def test_a_layer_too_wide_for_our_kernel_goes_to_onednn(ours: Int8Kernel) -> None:
+def test_a_layer_too_wide_for_our_kernel_goes_to_onednn(ours: CpuKernel) -> None:
     with torch.device("meta"):
         wide = nn.Linear(VnniInt8Linear.MAX_IN_FEATURES + 1, 2)
     wide.weight = nn.Parameter(torch.ones(2, VnniInt8Linear.MAX_IN_FEATURES + 1))
@@ -179,7 +179,7 @@ def test_a_layer_too_wide_for_our_kernel_goes_to_onednn(ours: Int8Kernel) -> Non
     assert isinstance(int8_linear(nn.Linear(64, 2), ours), VnniInt8Linear)
 
 
-def test_our_kernel_rejects_what_it_cannot_multiply(ours: Int8Kernel) -> None:
+def test_our_kernel_rejects_what_it_cannot_multiply(ours: CpuKernel) -> None:
     weight, scales, sums, bias = (
         torch.zeros(4, 8, dtype=torch.int8),
         torch.ones(4),
@@ -199,10 +199,10 @@ def test_our_kernel_rejects_what_it_cannot_multiply(ours: Int8Kernel) -> None:
 
 @pytest.fixture
 def fresh_kernel_load() -> Iterator[None]:
-    """`int8_kernel.load` remembers its answer per process; these tests change the answer."""
-    int8_kernel.load.cache_clear()
+    """`cpu_kernel.load` remembers its answer per process; these tests change the answer."""
+    cpu_kernel.load.cache_clear()
     yield
-    int8_kernel.load.cache_clear()
+    cpu_kernel.load.cache_clear()
 
 
 def test_without_vnni_the_kernel_is_not_built(
@@ -210,8 +210,8 @@ def test_without_vnni_the_kernel_is_not_built(
 ) -> None:
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
     monkeypatch.setattr("torch.utils.cpp_extension.load", _must_not_build)
-    with caplog.at_level(logging.INFO, logger="models.int8_kernel"):
-        assert int8_kernel.load() is None
+    with caplog.at_level(logging.INFO, logger="models.cpu_kernel"):
+        assert cpu_kernel.load() is None
     assert "no AVX512-VNNI" in caplog.text
 
 
@@ -224,12 +224,12 @@ def test_a_failed_build_falls_back_with_one_line_that_says_why(
         raise RuntimeError("Error building extension\nninja: build stopped\nc++: error: command not found: g++")
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", broken_build)
-    with caplog.at_level(logging.WARNING, logger="models.int8_kernel"):
-        assert int8_kernel.load() is None
+    with caplog.at_level(logging.WARNING, logger="models.cpu_kernel"):
+        assert cpu_kernel.load() is None
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "command not found: g++" in warnings[0] and "oneDNN" in warnings[0]
     model = nn.Sequential(nn.Linear(8, 4))
-    quantize_base_linears(model, int8_kernel.load())
+    quantize_base_linears(model, cpu_kernel.load())
     assert isinstance(model[0], OneDnnInt8Linear)
 
 

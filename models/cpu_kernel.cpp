@@ -1,0 +1,396 @@
+// Decoding kernels for CPUs with AVX512-VNNI (see models/cpu_kernel.py): int8 weight products,
+// float32 LoRA products and single-token attention.
+//
+// A decode step multiplies a handful of activation rows by every weight matrix once, so its
+// speed is the speed of streaming the int8 weights from memory. oneDNN's int8 linear reached
+// 40-60 % of a float32 `mv`'s bandwidth on such shapes; this loop reads each weight row once per
+// call, in blocks of 16 weight rows (tiles of up to 16 accumulators each), prefetching each row
+// ahead, which keeps a memory-bound product fed. Activations are quantised per row (one scale
+// each) and shifted to unsigned bytes, because VPDPBUSD multiplies unsigned by signed bytes; the
+// shift is undone with the weight rows' sums. Sums stay exact in int32 up to 65,536 input
+// features (255 * 127 * 65,536).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 64;  // int8 values per 512-bit register
+constexpr int32_t kShift = 128;
+
+template <typename scalar_t>
+void quantize_rows(const scalar_t* x, int64_t rows, int64_t cols, uint8_t* out, float* scales) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const scalar_t* row = x + m * cols;
+    float largest = 0.f;
+    for (int64_t k = 0; k < cols; ++k) largest = std::max(largest, std::fabs(static_cast<float>(row[k])));
+    const float scale = largest > 0.f ? largest / 127.f : 1.f;
+    const float inverse = 1.f / scale;
+    for (int64_t k = 0; k < cols; ++k) {
+      const int32_t q = static_cast<int32_t>(std::nearbyint(static_cast<float>(row[k]) * inverse));
+      out[m * cols + k] = static_cast<uint8_t>(q + kShift);
+    }
+    scales[m] = scale;
+  }
+}
+
+// How far ahead, in bytes, each weight row is prefetched. The hardware prefetchers alone left a
+// core's stream of a few rows at about 80 % of a float32 `mv`'s bandwidth; asking for each row's
+// next lines four iterations ahead, over 16 rows at a time, matched it.
+constexpr int64_t kPrefetch = 256;
+
+// kM activation rows times kN weight rows: kM * kN accumulators, so each weight load feeds kM
+// products and each activation load kN (at most 16 accumulators, which leaves registers for
+// the loads: AVX-512 has 32).
+template <int kN, int kM>
+void dot_tile(const uint8_t* x, const int8_t* w, int64_t cols, int32_t* sums, int64_t sums_stride) {
+  __m512i acc[kM][kN];
+  for (int m = 0; m < kM; ++m)
+    for (int n = 0; n < kN; ++n) acc[m][n] = _mm512_setzero_si512();
+  const int64_t whole = cols - cols % kLanes;
+  for (int64_t k = 0; k < whole; k += kLanes) {
+    __m512i weights[kN];
+    for (int n = 0; n < kN; ++n) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + n * cols + k + kPrefetch), _MM_HINT_T0);
+      weights[n] = _mm512_loadu_si512(w + n * cols + k);
+    }
+    for (int m = 0; m < kM; ++m) {
+      const __m512i values = _mm512_loadu_si512(x + m * cols + k);
+      for (int n = 0; n < kN; ++n) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], values, weights[n]);
+    }
+  }
+  if (whole < cols) {
+    const __mmask64 mask = (~0ULL) >> (kLanes - (cols - whole));
+    for (int m = 0; m < kM; ++m) {
+      const __m512i values = _mm512_maskz_loadu_epi8(mask, x + m * cols + whole);
+      for (int n = 0; n < kN; ++n) {
+        const __m512i weights = _mm512_maskz_loadu_epi8(mask, w + n * cols + whole);
+        acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], values, weights);
+      }
+    }
+  }
+  for (int m = 0; m < kM; ++m)
+    for (int n = 0; n < kN; ++n) sums[m * sums_stride + n] = _mm512_reduce_add_epi32(acc[m][n]);
+}
+
+// kN weight rows (kN a multiple of 4, at most 16) against all `rows` activation rows: four
+// activation rows at a time against four weight rows, and a last one or two rows against wider
+// tiles, so that a single row (the batch-1 step) streams 16 weight rows at once.
+template <int kN>
+void dot_rows(const uint8_t* x, int64_t rows, const int8_t* w, int64_t cols, int32_t* sums, int64_t sums_stride) {
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4)
+    for (int n = 0; n < kN; n += 4) dot_tile<4, 4>(x + m * cols, w + n * cols, cols, sums + m * sums_stride + n, sums_stride);
+  const uint8_t* tail = x + m * cols;
+  int32_t* tail_sums = sums + m * sums_stride;
+  switch (rows - m) {
+    case 3:
+      for (int n = 0; n < kN; n += 4) dot_tile<4, 3>(tail, w + n * cols, cols, tail_sums + n, sums_stride);
+      break;
+    case 2:
+      for (int n = 0; n < kN; n += 8) dot_tile<8, 2>(tail, w + n * cols, cols, tail_sums + n, sums_stride);
+      break;
+    case 1: dot_tile<kN, 1>(tail, w, cols, tail_sums, sums_stride); break;
+    default: break;
+  }
+}
+
+// The last rows of a matrix whose height is not a multiple of the block: one weight row at a time.
+void dot_single_rows(const uint8_t* x, int64_t rows, const int8_t* w, int64_t count, int64_t cols, int32_t* sums,
+                     int64_t sums_stride) {
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t m = 0; m < rows; ++m) dot_tile<1, 1>(x + m * cols, w + r * cols, cols, sums + m * sums_stride + r, sums_stride);
+}
+
+
+// dot(a, b) over n floats, with each of a's lines prefetched ahead (a is the streamed weight row).
+inline float dot_floats(const float* a, const float* b, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + k) + kPrefetch, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + k) + kPrefetch + 64, _MM_HINT_T0);
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
+  }
+  for (; k < n; k += 16) {
+    const __mmask16 mask = k + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - k)) - 1);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + k), _mm512_maskz_loadu_ps(mask, b + k), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// out (M, N) = in (M, K) @ weight (N, K).T, float32, parallel over the weight's rows.
+void float_rows_times(const float* in, int64_t rows, const float* weight, int64_t out_features, int64_t in_features,
+                      float* out) {
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (4 * in_features));
+  at::parallel_for(0, out_features, grain, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n)
+      for (int64_t m = 0; m < rows; ++m)
+        out[m * out_features + n] = dot_floats(weight + n * in_features, in + m * in_features, in_features);
+  });
+}
+
+
+// 16 values of a row as float32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const double* p) {
+  const __m256 low = _mm512_cvtpd_ps(_mm512_loadu_pd(p)), high = _mm512_cvtpd_ps(_mm512_loadu_pd(p + 8));
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_castps_si256(low)), _mm256_castps_si256(high), 1);
+  return _mm512_castsi512_ps(both);
+}
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Rotary embedding of one head's query or key, as `apply_rotary_pos_emb` computes it: each
+// product and the sum rounded to the model's dtype, the dimensions past `rotary` copied.
+template <typename scalar_t>
+void rotate(const scalar_t* in, const scalar_t* cos, const scalar_t* sin, int64_t rotary, int64_t dims, scalar_t* out) {
+  const int64_t half = rotary / 2;
+  for (int64_t i = 0; i < rotary; ++i) {
+    const scalar_t turned = i < half ? static_cast<scalar_t>(-static_cast<float>(in[i + half])) : in[i - half];
+    const scalar_t straight = static_cast<scalar_t>(static_cast<float>(in[i]) * static_cast<float>(cos[i]));
+    const scalar_t crossed = static_cast<scalar_t>(static_cast<float>(turned) * static_cast<float>(sin[i]));
+    out[i] = static_cast<scalar_t>(static_cast<float>(straight) + static_cast<float>(crossed));
+  }
+  for (int64_t i = rotary; i < dims; ++i) out[i] = in[i];
+}
+
+}  // namespace
+
+// x (..., K) float32/bfloat16/float16; weight (N, K) int8; scales (N,) float32; row_sums (N,)
+// int32, the sums of the weight rows; bias (N,) float32 or empty. Returns (..., N) in x's dtype.
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
+                          const torch::Tensor& row_sums, const torch::Tensor& bias) {
+  TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be a contiguous (N, K) int8 matrix");
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  TORCH_CHECK(x.size(-1) == in_features, "input has ", x.size(-1), " features, the weight ", in_features);
+  TORCH_CHECK(in_features <= 65536, "int32 sums overflow past 65,536 input features, not ", in_features);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == out_features, "one float scale per row");
+  TORCH_CHECK(row_sums.scalar_type() == torch::kInt && row_sums.numel() == out_features, "one int32 sum per row");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat && bias.numel() == out_features),
+              "bias must be empty or one float per row");
+
+  const auto rows_in = x.reshape({-1, in_features}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  auto quantized = torch::empty({rows, in_features}, torch::kUInt8);
+  auto row_scales = torch::empty({rows}, torch::kFloat);
+  auto output = torch::empty({rows, out_features}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, x.scalar_type(), "int8_linear", [&] {
+    quantize_rows(rows_in.data_ptr<scalar_t>(), rows, in_features, quantized.data_ptr<uint8_t>(),
+                  row_scales.data_ptr<float>());
+    const uint8_t* xq = quantized.data_ptr<uint8_t>();
+    const float* x_scale = row_scales.data_ptr<float>();
+    const int8_t* w = weight.data_ptr<int8_t>();
+    const float* w_scale = scales.data_ptr<float>();
+    const int32_t* w_sum = row_sums.data_ptr<int32_t>();
+    const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
+    scalar_t* y = output.data_ptr<scalar_t>();
+
+    constexpr int64_t kBlock = 16;
+    const int64_t blocks = (out_features + kBlock - 1) / kBlock;
+    // Enough rows per task that a thread's share is worth waking it for (about 256 KB).
+    const int64_t grain = std::max<int64_t>(1, (256 * 1024) / (kBlock * in_features));
+    at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
+      std::vector<int32_t> sums(rows * kBlock);
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t n0 = block * kBlock;
+        const int64_t count = std::min(kBlock, out_features - n0);
+        if (count == kBlock) {
+          dot_rows<kBlock>(xq, rows, w + n0 * in_features, in_features, sums.data(), kBlock);
+        } else {
+          dot_single_rows(xq, rows, w + n0 * in_features, count, in_features, sums.data(), kBlock);
+        }
+        for (int64_t m = 0; m < rows; ++m) {
+          for (int64_t r = 0; r < count; ++r) {
+            const int64_t n = n0 + r;
+            float value = static_cast<float>(sums[m * kBlock + r] - kShift * w_sum[n]) * x_scale[m] * w_scale[n];
+            if (b != nullptr) value += b[n];
+            y[m * out_features + n] = static_cast<scalar_t>(value);
+          }
+        }
+      }
+    });
+  });
+
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  return output.view(shape);
+}
+
+// Signed int8 rows and their scales, for `torch._int_mm`: the prompt path's operand.
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows_signed(const torch::Tensor& x) {
+  const int64_t cols = x.size(-1);
+  const auto rows_in = x.reshape({-1, cols}).contiguous();
+  const int64_t rows = rows_in.size(0);
+  auto quantized = torch::empty({rows, cols}, torch::kInt8);
+  auto scales = torch::empty({rows, 1}, torch::kFloat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, x.scalar_type(), "quantize_rows_signed", [&] {
+    const scalar_t* in = rows_in.data_ptr<scalar_t>();
+    int8_t* out = quantized.data_ptr<int8_t>();
+    float* scale = scales.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+      for (int64_t m = first; m < last; ++m) {
+        const scalar_t* row = in + m * cols;
+        float largest = 0.f;
+        for (int64_t k = 0; k < cols; ++k) largest = std::max(largest, std::fabs(static_cast<float>(row[k])));
+        scale[m] = largest > 0.f ? largest / 127.f : 1.f;
+        const float inverse = 1.f / scale[m];
+        for (int64_t k = 0; k < cols; ++k) {
+          out[m * cols + k] = static_cast<int8_t>(std::nearbyint(static_cast<float>(row[k]) * inverse));
+        }
+      }
+    });
+  });
+  return {quantized, scales};
+}
+
+// products (M, N) int32 -> products * row_scales (M, 1) * scales (N,) + bias (N,) in `dtype`, one pass.
+torch::Tensor scale_products(const torch::Tensor& products, const torch::Tensor& row_scales,
+                             const torch::Tensor& scales, const torch::Tensor& bias, torch::ScalarType dtype) {
+  TORCH_CHECK(products.scalar_type() == torch::kInt && products.dim() == 2 && products.is_contiguous(),
+              "products must be a contiguous (M, N) int32 matrix");
+  const int64_t rows = products.size(0), cols = products.size(1);
+  const bool has_bias = bias.numel() > 0;
+  auto output = torch::empty({rows, cols}, torch::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, dtype, "scale_products", [&] {
+    const int32_t* in = products.data_ptr<int32_t>();
+    const float* row_scale = row_scales.data_ptr<float>();
+    const float* scale = scales.data_ptr<float>();
+    const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
+    scalar_t* out = output.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+      for (int64_t m = first; m < last; ++m) {
+        for (int64_t n = 0; n < cols; ++n) {
+          float value = static_cast<float>(in[m * cols + n]) * row_scale[m] * scale[n];
+          if (b != nullptr) value += b[n];
+          out[m * cols + n] = static_cast<scalar_t>(value);
+        }
+      }
+    });
+  });
+  return output;
+}
+
+// A LoRA adapter's contribution for a few rows: ((x @ a.T) @ b.T * scaling) in `dtype`, both
+// products in float32 as PEFT computes them (x is first converted to float32), each streaming its
+// float32 factor once. x (M, K); a (r, K) and b (N, r) float32 contiguous. Returns (M, N).
+torch::Tensor lora_update(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b, double scaling,
+                          torch::ScalarType dtype) {
+  TORCH_CHECK(a.scalar_type() == torch::kFloat && a.dim() == 2 && a.is_contiguous(), "a must be a contiguous float (r, K)");
+  TORCH_CHECK(b.scalar_type() == torch::kFloat && b.dim() == 2 && b.is_contiguous(), "b must be a contiguous float (N, r)");
+  const int64_t rank = a.size(0), in_features = a.size(1), out_features = b.size(0);
+  TORCH_CHECK(x.size(-1) == in_features, "input has ", x.size(-1), " features, the adapter ", in_features);
+  TORCH_CHECK(b.size(1) == rank, "b has ", b.size(1), " columns for a rank of ", rank);
+  const auto rows_in = x.reshape({-1, in_features}).to(torch::kFloat).contiguous();
+  const int64_t rows = rows_in.size(0);
+  auto low = torch::empty({rows, rank}, torch::kFloat);
+  auto full = torch::empty({rows, out_features}, torch::kFloat);
+  float_rows_times(rows_in.data_ptr<float>(), rows, a.data_ptr<float>(), rank, in_features, low.data_ptr<float>());
+  float_rows_times(low.data_ptr<float>(), rows, b.data_ptr<float>(), out_features, rank, full.data_ptr<float>());
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  return full.mul_(scaling).to(dtype).view(shape);
+}
+
+// One new token per row through a GPT-NeoX attention block, between its two projections: split
+// the fused qkv (B, heads * 3 * D), rotate the query and key, store the key and value at `column`
+// of the caches (B, heads, capacity, D), and attend over the positions `attends` (B, capacity)
+// marks, `column` included. Softmax and sums in float32; returns (B, heads * D) in qkv's dtype.
+// This is what `apply_rotary_pos_emb`, the cache update and `scaled_dot_product_attention` do in
+// the HF forward, in one call instead of about twenty operators per layer.
+torch::Tensor attend_one(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                         torch::Tensor& keys, torch::Tensor& values, int64_t column, const torch::Tensor& attends,
+                         double scaling) {
+  TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes(),
+              "keys and values must be contiguous (B, heads, capacity, D) caches of one shape");
+  const int64_t batch = keys.size(0), heads = keys.size(1), capacity = keys.size(2), dims = keys.size(3);
+  const int64_t rotary = cos.size(-1);
+  TORCH_CHECK(dims % 16 == 0, "head size ", dims, " is not a multiple of 16");
+  TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == batch * heads * 3 * dims, "qkv must be a contiguous (B, heads * 3 * D)");
+  TORCH_CHECK(qkv.scalar_type() == keys.scalar_type() && keys.scalar_type() == values.scalar_type() &&
+                  cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
+              "qkv, caches and angles must share a dtype");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == batch * rotary && sin.numel() == batch * rotary,
+              "cos and sin must be contiguous (B, rotary)");
+  TORCH_CHECK(rotary % 2 == 0 && rotary <= dims, "rotary dimensions must be even and at most the head size");
+  TORCH_CHECK(attends.scalar_type() == torch::kBool && attends.is_contiguous() && attends.size(0) == batch &&
+                  attends.size(1) == capacity,
+              "attends must be a contiguous (B, capacity) bool mask");
+  TORCH_CHECK(0 <= column && column < capacity, "column ", column, " is outside the cache of ", capacity);
+  auto output = torch::empty({batch, heads * dims}, qkv.options());
+  const bool* mask = attends.data_ptr<bool>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, qkv.scalar_type(), "attend_one", [&] {
+    const scalar_t* fused = qkv.data_ptr<scalar_t>();
+    const scalar_t* cos_rows = cos.data_ptr<scalar_t>();
+    const scalar_t* sin_rows = sin.data_ptr<scalar_t>();
+    scalar_t* key_cache = keys.data_ptr<scalar_t>();
+    scalar_t* value_cache = values.data_ptr<scalar_t>();
+    scalar_t* out = output.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * heads, 1, [&](int64_t first, int64_t last) {
+      std::vector<scalar_t> query(dims);
+      std::vector<float> weights(column + 1), sums(dims);
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t b = task / heads, h = task % heads;
+        const scalar_t* head = fused + (b * heads + h) * 3 * dims;
+        const scalar_t* angle_cos = cos_rows + b * rotary;
+        const scalar_t* angle_sin = sin_rows + b * rotary;
+        scalar_t* head_keys = key_cache + (b * heads + h) * capacity * dims;
+        scalar_t* head_values = value_cache + (b * heads + h) * capacity * dims;
+        rotate(head, angle_cos, angle_sin, rotary, dims, query.data());
+        rotate(head + dims, angle_cos, angle_sin, rotary, dims, head_keys + column * dims);
+        std::copy(head + 2 * dims, head + 3 * dims, head_values + column * dims);
+
+        const bool* row_mask = mask + b * capacity;
+        float largest = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j <= column; ++j) {
+          if (!row_mask[j]) continue;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < dims; d += 16)
+            acc = _mm512_fmadd_ps(load16(query.data() + d), load16(head_keys + j * dims + d), acc);
+          weights[j] = _mm512_reduce_add_ps(acc) * static_cast<float>(scaling);
+          largest = std::max(largest, weights[j]);
+        }
+        float total = 0.f;
+        std::fill(sums.begin(), sums.end(), 0.f);
+        for (int64_t j = 0; j <= column; ++j) {
+          if (!row_mask[j]) continue;
+          const float weight = std::exp(weights[j] - largest);
+          total += weight;
+          const __m512 w = _mm512_set1_ps(weight);
+          for (int64_t d = 0; d < dims; d += 16)
+            _mm512_storeu_ps(sums.data() + d, _mm512_fmadd_ps(w, load16(head_values + j * dims + d), _mm512_loadu_ps(sums.data() + d)));
+        }
+        scalar_t* target = out + b * heads * dims + h * dims;
+        for (int64_t d = 0; d < dims; ++d) target[d] = static_cast<scalar_t>(sums[d] / total);
+      }
+    });
+  });
+  return output;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("int8_linear", &int8_linear, "x @ dequantised(weight).T + bias, for a few rows of x");
+  module.def("quantize_rows_signed", &quantize_rows_signed, "int8 rows and one scale per row");
+  module.def("lora_update", &lora_update, "a LoRA adapter's update in float32, returned in dtype");
+  module.def("attend_one", &attend_one, "rotary, cache update and attention for one new token per row");
+  module.def("scale_products", &scale_products, "int32 products scaled back to floats, plus bias");
+}

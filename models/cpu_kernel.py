@@ -1,0 +1,115 @@
+"""Our CPU decoding kernels (`cpu_kernel.cpp`), built on first use for CPUs with AVX512-VNNI.
+
+A batch-1 decode step is one pass over the weights plus a layer's worth of glue per layer, and
+on two cores both were slow with stock operators. Three functions do the step's hot parts:
+
+- `int8_linear`: the int8 base layers. Over a Polyglot-Ko-sized stack of 97 layers (1.27 GB of
+  int8) on the 2-core AVX512-VNNI/AMX Xeon this was written on, interleaved in one process, it
+  took 45 ms where a float32 `torch.mv` over the same bytes took 45 ms and oneDNN's int8 linear
+  64-160 ms; `torch._weight_int8pack_mm` and fbgemm were slower still. Prompts (more than a few
+  rows) go to `torch._int_mm`, with `quantize_rows_signed` and `scale_products` around it.
+- `lora_update`: the float32 LoRA products of a few rows, streamed at `mv` speed (`F.linear`
+  read them at about half of it).
+- `attend_one`: rotary embedding, cache update and attention for one new token per row, in one
+  call per layer instead of about twenty operators.
+
+Together they took a Polyglot-Ko-shaped step from about 100 ms (HF forward, PEFT, oneDNN) to
+about 67 ms (see `models.neox_step`).
+
+It is compiled with the compiler PyTorch's extension builder finds (gcc, with the Python
+headers) and cached per machine by PyTorch (`~/.cache/torch_extensions`, or
+`TORCH_EXTENSIONS_DIR`); the first build takes about half a minute. Where there is no VNNI, no
+compiler or the build fails, `load()` says why once and returns None, and the callers keep the
+stock operators (oneDNN's int8 linear, `F.linear`, `scaled_dot_product_attention`): slower, the
+same results within rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Protocol, cast
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vnni"]
+"""No contraction into FMAs: the scalar rotary code must round as PyTorch's operators round."""
+
+
+class CpuKernel(Protocol):
+    """The functions `cpu_kernel.cpp` exports."""
+
+    def int8_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, row_sums: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def quantize_rows_signed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def lora_update(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype
+    ) -> torch.Tensor: ...
+
+    def attend_one(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        column: int,
+        attends: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor: ...
+
+    def scale_products(
+        self,
+        products: torch.Tensor,
+        row_scales: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor: ...
+
+
+@functools.cache
+def load() -> CpuKernel | None:
+    """The built kernel, or None (with one warning saying why) where it cannot run here."""
+    if not torch.cpu._is_vnni_supported():
+        logger.info("cpu kernel: this CPU has no AVX512-VNNI; using oneDNN's int8 kernel and stock operators")
+        return None
+    from torch.utils.cpp_extension import load as build
+
+    _put_ninja_on_path()
+    logger.info("cpu kernel: loading the decoding kernels (compiled on first use, about 30 s, then cached)")
+    try:
+        # OpenMP links against the runtime PyTorch already loaded (same soname), so the kernel's
+        # threads are PyTorch's threads and `torch.set_num_threads` governs both.
+        module = build(name="ohlora_cpu_kernel", sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+    except Exception as error:  # a missing compiler, headers or ninja: all mean "not here"
+        lines = str(error).splitlines() or [type(error).__name__]
+        # The compiler's own "error:" line says more than the first line, a long command.
+        reason = next((line.strip() for line in lines if "error:" in line), lines[0])
+        logger.warning(
+            "cpu kernel: could not build the decoding kernels (%s); using oneDNN's int8 and stock operators, slower",
+            reason,
+        )
+        logger.debug("cpu kernel: the build said", exc_info=True)
+        return None
+    return cast(CpuKernel, module)
+
+
+def _put_ninja_on_path() -> None:
+    """PyTorch runs `ninja` from PATH; the pip-installed one sits in a folder that is only on PATH
+    in an activated virtual environment, and `.venv/bin/ohlora` works without activating it."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    folder = str(ninja.BIN_DIR)
+    if folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, [folder, os.environ.get("PATH")]))

@@ -1,0 +1,321 @@
+"""One decoding step of a PEFT-wrapped GPT-NeoX, for batches of single tokens, without the HF stack.
+
+A batch-1 step of Polyglot-Ko reads about 1.3 GB of int8 weights, which our kernel streams in
+about 45-50 ms on two cores; through `transformers` and PEFT the step took about 100 ms. The
+rest was bookkeeping around the weights: the dynamic KV cache concatenates every layer's keys and
+values into new tensors on every step (about 6 ms), a causal mask is rebuilt, the rotary angles
+are recomputed, PEFT's mixed-adapter path indexes and scatters the batch even when every row
+names the same adapter, and its float32 LoRA products ran at half the memory bandwidth; a few
+thousand small operators in all. This module keeps the model's own weights and modules and only
+replaces the glue, for steps of one token per row:
+
+- keys and values go into buffers allocated once per call, for as many tokens as it may produce;
+- the rotary angles are the model's own, computed once for every position;
+- each LoRA product runs on the rows of its adapter, and on the whole batch when it has one;
+- on the CPU, our kernel (`models.cpu_kernel`) does the LoRA products and, per layer, rotary,
+  cache update and attention in one call.
+
+The arithmetic is the HF model's: the same layer norms, PEFT's float32 LoRA products rounded to
+the model's dtype and then added, rotary products rounded as `apply_rotary_pos_emb` rounds them,
+attention in float32 as `scaled_dot_product_attention` computes it, the same residual order.
+Without the kernel the step calls those very operators. Prompts still go through the HF
+forward, which is compute-bound and where this glue costs little. Measured on a model of
+Polyglot-Ko's shapes (int8, one adapter, 2 cores, interleaved): HF forward about 100 ms a step,
+this module on the stock operators about 74, with the kernel about 67; the weights alone 50-52.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+from models.cpu_kernel import CpuKernel
+
+
+@dataclass(frozen=True)
+class _Lora:
+    """One adapter's factors on one layer, as PEFT applies them: float32 products, then the dtype."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    kernel: CpuKernel | None
+    """Ours, for float32 factors on the CPU: it streams them at `mv` speed, where a (1, K) `linear`
+    read them at about half that (LoRA was about 10 ms of a 74 ms Polyglot-Ko step)."""
+
+    def update(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel.lora_update(x, self.a, self.b, self.scaling, dtype)
+        return (F.linear(F.linear(x.to(self.a.dtype), self.a), self.b) * self.scaling).to(dtype)
+
+
+class _Projection:
+    """A linear layer of the model, with the LoRA adapters PEFT attached to it (if any)."""
+
+    def __init__(self, module: nn.Module, kernel: CpuKernel | None) -> None:
+        self._adapters: dict[str, _Lora] = {}
+        if not isinstance(module, LoraLayer):
+            self._base = module
+            return
+        self._base = cast(nn.Module, module.get_base_layer())
+        for name in module.lora_A:
+            if name in module.lora_variant:
+                raise ValueError(f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__})")
+            a = cast(nn.Linear, module.lora_A[name]).weight
+            b = cast(nn.Linear, module.lora_B[name]).weight
+            fits = all(f.dtype == torch.float32 and f.device.type == "cpu" and f.is_contiguous() for f in (a, b))
+            self._adapters[name] = _Lora(a=a, b=b, scaling=float(module.scaling[name]), kernel=kernel if fits else None)
+
+    def __call__(self, x: torch.Tensor, groups: Sequence[tuple[str, torch.Tensor | None]]) -> torch.Tensor:
+        result = cast(torch.Tensor, self._base(x))
+        for name, rows in groups:
+            lora = self._adapters.get(name)
+            if lora is None:
+                continue
+            if rows is None:
+                result = result + lora.update(x, result.dtype)
+            else:
+                result[rows] += lora.update(x[rows], result.dtype)
+        return result
+
+
+@dataclass
+class StepCache:
+    """Keys and values of every layer for a batch of rows, with room for the tokens to come.
+
+    Position `length` is the next one written; `attends` marks, per row, which positions hold
+    a real token (left padding does not).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    attends: torch.Tensor
+    length: int
+
+    @property
+    def rows(self) -> int:
+        return self.attends.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.attends.shape[1]
+
+    def select(self, rows: torch.Tensor) -> StepCache:
+        """The cache of some rows only, in the given order (a row may repeat)."""
+        return StepCache(
+            keys=[k.index_select(0, rows) for k in self.keys],
+            values=[v.index_select(0, rows) for v in self.values],
+            attends=self.attends.index_select(0, rows),
+            length=self.length,
+        )
+
+
+@dataclass(frozen=True)
+class _Token:
+    """What every layer of one step shares: the rows' adapters, rotary angles and cache column."""
+
+    groups: Sequence[tuple[str, torch.Tensor | None]]
+    cos: torch.Tensor
+    """(B, 1, rotary dims), in the model's dtype."""
+    sin: torch.Tensor
+    column: int
+    """The cache position this step writes."""
+    attends: torch.Tensor
+    """(B, capacity): which cache positions each row attends to, `column` included."""
+
+
+class NeoXStep:
+    """Single-token decoding steps over the weights of a PEFT-wrapped `GPTNeoXForCausalLM`.
+
+    Not thread-safe, like the model it reads. The model must be in eval mode; its base linears
+    may be `nn.Linear` or the int8 layers of `models.quantize`. `kernel` (`models.cpu_kernel`)
+    does the float32 LoRA products and the attention block between the two projections on the
+    CPU; without it they run as the HF forward's operators.
+    """
+
+    def __init__(self, model: PeftModel, kernel: CpuKernel | None = None) -> None:
+        base = cast(PreTrainedModel, model.get_base_model())
+        config = base.config
+        if config.model_type != "gpt_neox":
+            raise ValueError(f"the decoding step is written for GPT-NeoX, not {config.model_type!r}")
+        neox = cast(nn.Module, base.gpt_neox)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        kernel = kernel if on_cpu else None
+        heads = int(config.num_attention_heads)
+        attention = _KernelAttention(kernel, heads) if kernel is not None and _head_size(config) % 16 == 0 else None
+        self._embed = cast(nn.Embedding, neox.embed_in)
+        self._rotary = cast(nn.Module, neox.rotary_emb)
+        self._final_norm = cast(nn.LayerNorm, neox.final_layer_norm)
+        self._head = _Projection(cast(nn.Module, base.lm_head), kernel)
+        parallel_residual = bool(config.use_parallel_residual)
+        self._layers = [
+            _Layer(cast(nn.Module, layer), kernel, attention or _TorchAttention(heads), parallel_residual)
+            for layer in cast(nn.ModuleList, neox.layers)
+        ]
+        self._cos = self._sin = torch.empty(0)
+
+    @torch.inference_mode()
+    def cache_from(self, prefill: Cache, rows: torch.Tensor, attends: torch.Tensor, room: int) -> StepCache:
+        """Copy a prompt's HF cache, rows picked by `rows`, into buffers with `room` more positions.
+
+        `attends` is the prompt's attention mask for the picked rows.
+        """
+        width = attends.shape[1]
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for layer in prefill.layers:
+            if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+                raise ValueError(f"the prompt's cache is not a filled dynamic cache: {type(layer).__name__}")
+            for source, target in ((layer.keys, keys), (layer.values, values)):
+                picked = source.index_select(0, rows)
+                buffer = picked.new_empty((*picked.shape[:2], width + room, picked.shape[3]))
+                buffer[:, :, :width] = picked
+                target.append(buffer)
+        mask = torch.zeros((len(rows), width + room), dtype=torch.bool, device=attends.device)
+        mask[:, :width] = attends.bool()
+        return StepCache(keys=keys, values=values, attends=mask, length=width)
+
+    @torch.inference_mode()
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: StepCache, adapters: Sequence[str]
+    ) -> torch.Tensor:
+        """Feed one token per row, at the row's position and through the row's adapter.
+
+        Returns the (B, V) float32 logits of the next token; `cache` advances by one position.
+        """
+        if cache.length >= cache.capacity:
+            raise ValueError(f"the step cache is full ({cache.capacity} positions)")
+        if len(adapters) != len(tokens) or cache.rows != len(tokens):
+            raise ValueError(f"{len(tokens)} tokens, {len(adapters)} adapters and {cache.rows} cached rows")
+        hidden = self._embed(tokens[:, None])
+        cos, sin = self._angles(positions, hidden)
+        cache.attends[:, cache.length] = True
+        token = _Token(_groups(adapters, tokens.device), cos, sin, cache.length, cache.attends)
+        for layer, keys, values in zip(self._layers, cache.keys, cache.values, strict=True):
+            hidden = layer(hidden, keys, values, token)
+        cache.length += 1
+        return self._head(self._final_norm(hidden[:, 0]), token.groups).float()
+
+    def _angles(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos and sin at each row's position, (B, 1, rotary dims), from a table.
+
+        The table comes from the model's own rotary module, so its values are those the HF
+        forward computes per call.
+        """
+        needed = int(positions.max()) + 1
+        if needed > self._cos.shape[0] or self._cos.dtype != like.dtype:
+            size = max(needed, 2 * self._cos.shape[0], 256)
+            every = torch.arange(size, device=like.device)[None]
+            cos, sin = self._rotary(like, every)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[positions][:, None], self._sin[positions][:, None]
+
+
+class _TorchAttention:
+    """Rotary, cache update and attention with the HF forward's own operators."""
+
+    def __init__(self, heads: int) -> None:
+        self._heads = heads
+
+    def __call__(
+        self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, token: _Token, scaling: float
+    ) -> torch.Tensor:
+        rows, column = qkv.shape[0], token.column
+        query, key, value = qkv.view(rows, 1, self._heads, -1).transpose(1, 2).chunk(3, dim=-1)
+        query, key = apply_rotary_pos_emb(query, key, token.cos, token.sin)
+        keys[:, :, column : column + 1] = key
+        values[:, :, column : column + 1] = value
+        attended = F.scaled_dot_product_attention(
+            query,
+            keys[:, :, : column + 1],
+            values[:, :, : column + 1],
+            attn_mask=token.attends[:, None, None, : column + 1],
+            scale=scaling,
+        )
+        return attended.transpose(1, 2).reshape(rows, 1, -1)
+
+
+class _KernelAttention:
+    """The same in one call of our kernel per layer, in place of about twenty operators."""
+
+    def __init__(self, kernel: CpuKernel, heads: int) -> None:
+        self._kernel = kernel
+        self._heads = heads
+
+    def __call__(
+        self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, token: _Token, scaling: float
+    ) -> torch.Tensor:
+        rows = qkv.shape[0]
+        attended = self._kernel.attend_one(
+            qkv.reshape(rows, -1),
+            token.cos.reshape(rows, -1),
+            token.sin.reshape(rows, -1),
+            keys,
+            values,
+            token.column,
+            token.attends,
+            scaling,
+        )
+        return attended.view(rows, 1, -1)
+
+
+class _Layer:
+    """One `GPTNeoXLayer`'s modules, run as its forward runs them, for one new token per row."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        kernel: CpuKernel | None,
+        attend: _TorchAttention | _KernelAttention,
+        parallel_residual: bool,
+    ) -> None:
+        attention = cast(nn.Module, layer.attention)
+        mlp = cast(nn.Module, layer.mlp)
+        self._input_norm = cast(nn.LayerNorm, layer.input_layernorm)
+        self._post_attention_norm = cast(nn.LayerNorm, layer.post_attention_layernorm)
+        self._qkv = _Projection(cast(nn.Module, attention.query_key_value), kernel)
+        self._dense = _Projection(cast(nn.Module, attention.dense), kernel)
+        self._up = _Projection(cast(nn.Module, mlp.dense_h_to_4h), kernel)
+        self._down = _Projection(cast(nn.Module, mlp.dense_4h_to_h), kernel)
+        self._act = cast(nn.Module, mlp.act)
+        self._scaling = float(cast(float, attention.scaling))
+        self._attend = attend
+        self._parallel_residual = parallel_residual
+
+    def __call__(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, token: _Token) -> torch.Tensor:
+        qkv = self._qkv(self._input_norm(hidden), token.groups)
+        attended = self._attend(qkv, keys, values, token, self._scaling)
+        attention = self._dense(attended, token.groups)
+        if self._parallel_residual:
+            mlp = self._mlp(self._post_attention_norm(hidden), token.groups)
+            return mlp + attention + hidden
+        attention = attention + hidden
+        return self._mlp(self._post_attention_norm(attention), token.groups) + attention
+
+    def _mlp(self, x: torch.Tensor, groups: Sequence[tuple[str, torch.Tensor | None]]) -> torch.Tensor:
+        return self._down(cast(torch.Tensor, self._act(self._up(x, groups))), groups)
+
+
+def _head_size(config: PretrainedConfig) -> int:
+    return int(config.hidden_size) // int(config.num_attention_heads)
+
+
+def _groups(adapters: Sequence[str], device: torch.device) -> list[tuple[str, torch.Tensor | None]]:
+    """Each adapter with the rows that name it; None stands for every row."""
+    names = list(dict.fromkeys(adapters))
+    if len(names) == 1:
+        return [(names[0], None)]
+    return [
+        (name, torch.tensor([i for i, adapter in enumerate(adapters) if adapter == name], device=device))
+        for name in names
+    ]

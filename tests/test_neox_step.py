@@ -1,0 +1,239 @@
+"""The single-token decoding step against the HF forward it replaces, on the tiny stand-ins.
+
+Both paths of the step are checked: the HF operators (`kernel=None`) and our kernel's attention
+and LoRA products. A step that drifts from the HF forward would change what the real
+checkpoints say, so every step's logits are compared, not just the text at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+from core.types import Task
+from models import cpu_kernel
+from models.cpu_kernel import CpuKernel
+from models.layout import ModelLayout
+from models.llm import load_text_generator
+from models.neox_step import NeoXStep
+from models.quantize import compare_logits
+
+PROMPTS = [
+    (Task.OUTPUT_MESSAGE, "(오로라 답변 요약) 사용자가 부산에 산다고 말함 (사용자 질문) 응 광안리 근처야 (답변 시작)"),
+    (Task.MEMORY, "나 고양이 키워 (답변 시작)"),
+    (Task.SUMMARY, "심심해 (오로라 답변) 그럼 나랑 수다 떨자!  (답변 시작)"),
+]
+STEPS = 6
+
+
+@pytest.fixture(params=["torch", "ours"])
+def kernel(request: pytest.FixtureRequest) -> CpuKernel | None:
+    """The step on the HF operators (None) and on our kernel, where this machine can build it."""
+    if request.param == "torch":
+        return None
+    built = cpu_kernel.load()
+    if built is None:
+        pytest.skip("our kernel needs AVX512-VNNI and a C++ compiler; the log says which is missing")
+    return built
+
+
+def _prefill(model: PeftModel, layout: ModelLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cache]:
+    """The prompts left-padded into one mixed-adapter batch: (last logits, mask, positions, cache)."""
+    tokenizer = AutoTokenizer.from_pretrained(layout.adapter_dir(Task.OUTPUT_MESSAGE), local_files_only=True)
+    encoded = [tokenizer.encode(prompt) for _, prompt in PROMPTS]
+    width = max(map(len, encoded))
+    ids = torch.zeros((len(encoded), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        mask[row, width - len(tokens) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        output = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, adapter_names=_adapters()
+        )
+    return output.logits[:, -1].float(), mask, positions, output.cache
+
+
+def _adapters(rows: list[int] | None = None) -> list[str]:
+    names = [task.value for task, _ in PROMPTS]
+    return names if rows is None else [names[row] for row in rows]
+
+
+def _hf_step(
+    model: PeftModel,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: Cache,
+    adapters: list[str],
+) -> torch.Tensor:
+    with torch.inference_mode():
+        output = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            cache=cache,
+            use_cache=True,
+            adapter_names=adapters,
+        )
+    return output.logits[:, -1].float()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "int8", "tolerance"),
+    [("float32", False, 1e-4), ("bfloat16", False, 3e-2), ("float32", True, 1e-4)],
+    ids=["float32", "bfloat16", "int8"],
+)
+def test_every_step_gives_the_hf_forward_logits(
+    tiny_layout: ModelLayout, kernel: CpuKernel | None, dtype: str, int8: bool, tolerance: float
+) -> None:
+    """A mixed-adapter, left-padded batch decoded for several steps, then two rows of it only
+    (one repeated), as the generator's retry samples and shrinking batches do."""
+    model = load_text_generator(tiny_layout, device="cpu", dtype=dtype, int8=int8).model
+    step = NeoXStep(model, kernel)
+    logits, mask, positions, hf_cache = _prefill(model, tiny_layout)
+    cache = step.cache_from(hf_cache, torch.arange(len(PROMPTS)), mask, room=2 * STEPS)
+    tokens, next_position, adapters = logits.argmax(-1), positions[:, -1] + 1, _adapters()
+    ours_all, reference_all = [], []
+    for number in range(2 * STEPS):
+        if number == STEPS:
+            rows = [2, 0, 2]
+            index = torch.tensor(rows)
+            cache, adapters = cache.select(index), _adapters(rows)
+            hf_cache.batch_select_indices(index)
+            tokens, mask, next_position = tokens[index], mask[index], next_position[index]
+        ours = step(tokens, next_position, cache, adapters)
+        mask = torch.cat([mask, mask.new_ones((len(tokens), 1))], dim=1)
+        reference = _hf_step(model, tokens, mask, next_position, hf_cache, adapters)
+        ours_all.append(ours)
+        reference_all.append(reference)
+        tokens, next_position = reference.argmax(-1), next_position + 1
+    agreement = compare_logits(reference_all, ours_all)
+    assert agreement.relative_error < tolerance
+    assert agreement.top1 >= 0.9
+    assert cache.length == mask.shape[1]
+
+
+def test_the_cache_holds_what_it_was_given(tiny_layout: ModelLayout) -> None:
+    model = load_text_generator(tiny_layout, device="cpu", dtype="float32").model
+    _, mask, _, hf_cache = _prefill(model, tiny_layout)
+    rows = torch.tensor([1, 1, 0])
+    cache = NeoXStep(model).cache_from(hf_cache, rows, mask[rows], room=3)
+    width = mask.shape[1]
+    assert (cache.rows, cache.capacity, cache.length) == (3, width + 3, width)
+    first, last = hf_cache.layers[0], hf_cache.layers[-1]
+    assert isinstance(first, DynamicLayer) and isinstance(last, DynamicLayer)
+    assert first.keys is not None and last.values is not None
+    assert torch.equal(cache.keys[0][:, :, :width], first.keys[rows])
+    assert torch.equal(cache.values[-1][:, :, :width], last.values[rows])
+    assert torch.equal(cache.attends[:, :width], mask[rows].bool())
+    assert not cache.attends[:, width:].any()
+
+
+def test_misuse_is_refused(tiny_layout: ModelLayout) -> None:
+    model = load_text_generator(tiny_layout, device="cpu", dtype="float32").model
+    step = NeoXStep(model)
+    _, mask, positions, hf_cache = _prefill(model, tiny_layout)
+    cache = step.cache_from(hf_cache, torch.arange(3), mask, room=1)
+    tokens, next_position = torch.zeros(3, dtype=torch.long), positions[:, -1] + 1
+    with pytest.raises(ValueError, match="2 adapters"):
+        step(tokens, next_position, cache, _adapters()[:2])
+    step(tokens, next_position, cache, _adapters())
+    with pytest.raises(ValueError, match="full"):
+        step(tokens, next_position + 1, cache, _adapters())
+
+
+def test_other_architectures_are_refused() -> None:
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(ValueError, match="GPT-NeoX"):
+        NeoXStep(model)
+
+
+@pytest.fixture
+def ours() -> CpuKernel:
+    built = cpu_kernel.load()
+    if built is None:
+        pytest.skip("our kernel needs AVX512-VNNI and a C++ compiler; the log says which is missing")
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("heads", "head_size", "rotary"), [(2, 16, 8), (3, 32, 32), (16, 128, 64)])
+def test_our_attention_is_the_hf_attention(
+    ours: CpuKernel, dtype: torch.dtype, heads: int, head_size: int, rotary: int
+) -> None:
+    """Rotary, cache update and masked attention for one token per row, against the HF operators."""
+    torch.manual_seed(heads * head_size + rotary)
+    rows, capacity, column = 3, 40, 29
+    qkv = torch.randn(rows, 1, heads * 3 * head_size).to(dtype)
+    angles = torch.rand(rows, 1, rotary // 2) * 30
+    cos = torch.cat([angles, angles], -1).cos().to(dtype)
+    sin = torch.cat([angles, angles], -1).sin().to(dtype)
+    keys = torch.randn(rows, heads, capacity, head_size).to(dtype)
+    values = torch.randn(rows, heads, capacity, head_size).to(dtype)
+    attends = torch.rand(rows, capacity) > 0.3
+    attends[:, column] = True
+    attends[1, :12] = False  # left padding
+    scaling = head_size**-0.5
+
+    query, key, value = qkv.view(rows, 1, heads, -1).transpose(1, 2).chunk(3, dim=-1)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected_keys[:, :, column : column + 1] = key
+    expected_values[:, :, column : column + 1] = value
+    expected = F.scaled_dot_product_attention(
+        query.float(),
+        expected_keys[:, :, : column + 1].float(),
+        expected_values[:, :, : column + 1].float(),
+        attn_mask=attends[:, None, None, : column + 1],
+        scale=scaling,
+    )
+    expected = expected.transpose(1, 2).reshape(rows, -1)
+
+    cos, sin = cos.view(rows, -1), sin.view(rows, -1)
+    out = ours.attend_one(qkv.view(rows, -1), cos, sin, keys, values, column, attends, scaling)
+    assert out.dtype == dtype and out.shape == (rows, heads * head_size)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    error = (out.float() - expected).norm() / expected.norm()
+    assert error < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_our_attention_rejects_what_it_cannot_compute(ours: CpuKernel) -> None:
+    rows, heads, size = 1, 2, 16
+    qkv = torch.zeros(rows, heads * 3 * size)
+    angles = torch.zeros(rows, size)
+    cache = torch.zeros(rows, heads, 4, size)
+    attends = torch.ones(rows, 4, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ours.attend_one(qkv, angles, angles, cache, cache.clone(), 4, attends, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        odd, odd_angles = torch.zeros(rows, heads, 4, 12), angles[:, :12]
+        ours.attend_one(torch.zeros(rows, heads * 36), odd_angles, odd_angles, odd, odd.clone(), 0, attends, 1.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        ours.attend_one(qkv.bfloat16(), angles, angles, cache, cache.clone(), 0, attends, 1.0)
+    with pytest.raises(RuntimeError, match="bool mask"):
+        ours.attend_one(qkv, angles, angles, cache, cache.clone(), 0, attends.float(), 1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_lora_update_is_peft_s(ours: CpuKernel, rows: int, dtype: torch.dtype) -> None:
+    """float32 products of the float32 factors, scaled, then rounded to the model's dtype."""
+    torch.manual_seed(rows)
+    a, b = torch.randn(8, 100), torch.randn(37, 8)
+    x = torch.randn(rows, 1, 100).to(dtype)
+    expected = (F.linear(F.linear(x.float(), a), b) * 0.5).to(dtype)
+    out = ours.lora_update(x, a, b, 0.5, dtype)
+    assert out.dtype == dtype and out.shape == (rows, 1, 37)
+    assert torch.allclose(out.float(), expected.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="features"):
+        ours.lora_update(torch.randn(1, 99), a, b, 0.5, dtype)
+    with pytest.raises(RuntimeError, match="rank"):
+        ours.lora_update(x, a, b[:, :7].contiguous(), 0.5, dtype)
