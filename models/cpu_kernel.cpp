@@ -50,19 +50,20 @@ constexpr int64_t kPrefetch = 256;
 
 // kM activation rows times kN weight rows: kM * kN accumulators, so each weight load feeds kM
 // products and each activation load kN (at most 16 accumulators, which leaves registers for
-// the loads: AVX-512 has 32).
+// the loads: AVX-512 has 32). The first `prefetch_rows` rows from `w` are prefetched ahead:
+// the tile's own rows, or the whole block when the tile is the first of several that share it.
 template <int kN, int kM>
-void dot_tile(const uint8_t* x, const int8_t* w, int64_t cols, int32_t* sums, int64_t sums_stride) {
+void dot_tile(const uint8_t* x, const int8_t* w, int64_t cols, int32_t* sums, int64_t sums_stride,
+              int prefetch_rows) {
   __m512i acc[kM][kN];
   for (int m = 0; m < kM; ++m)
     for (int n = 0; n < kN; ++n) acc[m][n] = _mm512_setzero_si512();
   const int64_t whole = cols - cols % kLanes;
   for (int64_t k = 0; k < whole; k += kLanes) {
     __m512i weights[kN];
-    for (int n = 0; n < kN; ++n) {
+    for (int n = 0; n < prefetch_rows; ++n)
       _mm_prefetch(reinterpret_cast<const char*>(w + n * cols + k + kPrefetch), _MM_HINT_T0);
-      weights[n] = _mm512_loadu_si512(w + n * cols + k);
-    }
+    for (int n = 0; n < kN; ++n) weights[n] = _mm512_loadu_si512(w + n * cols + k);
     for (int m = 0; m < kM; ++m) {
       const __m512i values = _mm512_loadu_si512(x + m * cols + k);
       for (int n = 0; n < kN; ++n) acc[m][n] = _mm512_dpbusd_epi32(acc[m][n], values, weights[n]);
@@ -84,22 +85,34 @@ void dot_tile(const uint8_t* x, const int8_t* w, int64_t cols, int32_t* sums, in
 
 // kN weight rows (kN a multiple of 4, at most 16) against all `rows` activation rows: four
 // activation rows at a time against four weight rows, and a last one or two rows against wider
-// tiles, so that a single row (the batch-1 step) streams 16 weight rows at once.
+// tiles, so that a single row (the batch-1 step) streams 16 weight rows at once. The block comes
+// from memory once, prefetched by its first tile; the other tiles find it in cache.
 template <int kN>
 void dot_rows(const uint8_t* x, int64_t rows, const int8_t* w, int64_t cols, int32_t* sums, int64_t sums_stride) {
+  int prefetch = kN;  // until the first tile has run
   int64_t m = 0;
-  for (; m + 4 <= rows; m += 4)
-    for (int n = 0; n < kN; n += 4) dot_tile<4, 4>(x + m * cols, w + n * cols, cols, sums + m * sums_stride + n, sums_stride);
+  for (; m + 4 <= rows; m += 4) {
+    for (int n = 0; n < kN; n += 4) {
+      dot_tile<4, 4>(x + m * cols, w + n * cols, cols, sums + m * sums_stride + n, sums_stride, prefetch);
+      prefetch = 0;
+    }
+  }
   const uint8_t* tail = x + m * cols;
   int32_t* tail_sums = sums + m * sums_stride;
   switch (rows - m) {
     case 3:
-      for (int n = 0; n < kN; n += 4) dot_tile<4, 3>(tail, w + n * cols, cols, tail_sums + n, sums_stride);
+      for (int n = 0; n < kN; n += 4) {
+        dot_tile<4, 3>(tail, w + n * cols, cols, tail_sums + n, sums_stride, prefetch);
+        prefetch = 0;
+      }
       break;
     case 2:
-      for (int n = 0; n < kN; n += 8) dot_tile<8, 2>(tail, w + n * cols, cols, tail_sums + n, sums_stride);
+      for (int n = 0; n < kN; n += 8) {
+        dot_tile<8, 2>(tail, w + n * cols, cols, tail_sums + n, sums_stride, prefetch);
+        prefetch = 0;
+      }
       break;
-    case 1: dot_tile<kN, 1>(tail, w, cols, tail_sums, sums_stride); break;
+    case 1: dot_tile<kN, 1>(tail, w, cols, tail_sums, sums_stride, prefetch); break;
     default: break;
   }
 }
@@ -108,7 +121,7 @@ void dot_rows(const uint8_t* x, int64_t rows, const int8_t* w, int64_t cols, int
 void dot_single_rows(const uint8_t* x, int64_t rows, const int8_t* w, int64_t count, int64_t cols, int32_t* sums,
                      int64_t sums_stride) {
   for (int64_t r = 0; r < count; ++r)
-    for (int64_t m = 0; m < rows; ++m) dot_tile<1, 1>(x + m * cols, w + r * cols, cols, sums + m * sums_stride + r, sums_stride);
+    for (int64_t m = 0; m < rows; ++m) dot_tile<1, 1>(x + m * cols, w + r * cols, cols, sums + m * sums_stride + r, sums_stride, m == 0 ? 1 : 0);
 }
 
 

@@ -70,18 +70,19 @@ class VnniInt8Linear(DynamicInt8Linear):
     More rows make the product compute-bound; those go to `torch._int_mm`, which has AMX/VNNI
     GEMMs behind it, with the quantising and rescaling done in one pass each by our kernel.
     Milliseconds for a Polyglot-Ko-sized stack of 96 layers (1.2 GB of int8) at 1 / 2 / 4 / 8 /
-    16 / 32 input rows, interleaved on the 2-core AMX Xeon (float32 `mv` over the same bytes:
-    45-50; two runs, the kernel's first version in the first):
+    16 / 32 input rows, interleaved on the 2-core AMX Xeon, with float32 `mv` over the same bytes
+    as the yardstick (two runs: the kernel's 16-row blocks, and its first version's 4-row tiles):
 
-    | ours, 16-row blocks      | 45 / 54 / 75 / – / – / –         |
-    | ours, 4-row tiles        | 61 / 77 / 93 / – / 210 / 344     |
-    | `_int_mm`                | 104 / 105 / 108 / 115 / 135 / 165 |
-    | oneDNN's int8 linear     | 127 / 152 / 142 / – / 147 / 177 |
+    | ours, 16-row blocks (mv: 58) | 56 / 65 / 77 / 107 / 160 / –      |
+    | `_int_mm`                    | – / – / – / 125 / 149 / –         |
+    | ours, 4-row tiles (mv: 50)   | 61 / 77 / 93 / – / 210 / 344      |
+    | `_int_mm`                    | 104 / 105 / 108 / 115 / 135 / 165 |
+    | oneDNN's int8 linear         | 127 / 152 / 142 / – / 147 / 177   |
 
     and for a 1,440-row prompt batch, `_int_mm` 5.2 s against oneDNN's 5.9 s.
     """
 
-    MAX_KERNEL_ROWS = 4
+    MAX_KERNEL_ROWS = 8
     """Up to this many input rows our kernel is the faster; above it, the GEMM."""
     MAX_IN_FEATURES = 65536
     """Our kernel's int32 sums are exact up to this width (255 * 127 * 65536 < 2**31)."""
