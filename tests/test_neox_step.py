@@ -224,16 +224,21 @@ def test_our_attention_rejects_what_it_cannot_compute(ours: CpuKernel) -> None:
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_our_lora_update_is_peft_s(ours: CpuKernel, rows: int, dtype: torch.dtype) -> None:
-    """float32 products of the float32 factors, scaled, then rounded to the model's dtype."""
-    torch.manual_seed(rows)
-    a, b = torch.randn(8, 100), torch.randn(37, 8)
+@pytest.mark.parametrize(("rank", "out_features"), [(8, 37), (16, 64), (128, 100)])
+def test_our_lora_add_is_peft_s(ours: CpuKernel, rows: int, dtype: torch.dtype, rank: int, out_features: int) -> None:
+    """float32 products of the float32 factors, scaled, rounded to the model's dtype, then added."""
+    torch.manual_seed(rows * rank)
+    a, b = torch.randn(rank, 100), torch.randn(out_features, rank)
     x = torch.randn(rows, 1, 100).to(dtype)
-    expected = (F.linear(F.linear(x.float(), a), b) * 0.5).to(dtype)
-    out = ours.lora_update(x, a, b, 0.5, dtype)
-    assert out.dtype == dtype and out.shape == (rows, 1, 37)
-    assert torch.allclose(out.float(), expected.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-4)
+    base = torch.randn(rows, 1, out_features).to(dtype)
+    expected = base + (F.linear(F.linear(x.float(), a), b) * 0.5).to(dtype)
+    result = base.clone()
+    ours.lora_add(result, x, a, b, 0.5)
+    assert result.dtype == dtype
+    assert torch.allclose(result.float(), expected.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-4)
     with pytest.raises(RuntimeError, match="features"):
-        ours.lora_update(torch.randn(1, 99), a, b, 0.5, dtype)
+        ours.lora_add(result, torch.randn(1, 99), a, b, 0.5)
     with pytest.raises(RuntimeError, match="rank"):
-        ours.lora_update(x, a, b[:, :7].contiguous(), 0.5, dtype)
+        ours.lora_add(result, x, a, b[:, :-1].contiguous(), 0.5)
+    with pytest.raises(RuntimeError, match="result"):
+        ours.lora_add(result[:, :, :-1], x, a, b, 0.5)
