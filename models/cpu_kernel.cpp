@@ -439,10 +439,57 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const torch::Tensor& cos, con
   return output;
 }
 
+// One adapter on one projection of a layer, for `rows` of the batch (empty: every row).
+using LoraTerm = std::tuple<int64_t, torch::Tensor, torch::Tensor, double, torch::Tensor>;
+
+// A projection of the layer on our int8 kernel, plus the LoRA terms that name it, added as PEFT
+// adds them (`_Projection` in models/neox_step.py does the same from Python).
+torch::Tensor project(const torch::Tensor& x, const std::vector<torch::Tensor>& linears, int64_t which,
+                      const std::vector<LoraTerm>& loras) {
+  auto result = int8_linear(x, linears[4 * which], linears[4 * which + 1], linears[4 * which + 2],
+                            linears[4 * which + 3]);
+  for (const auto& [target, a, b, scaling, rows] : loras) {
+    if (target != which) continue;
+    if (rows.numel() == 0) {
+      lora_add(result, x, a, b, scaling);
+    } else {
+      auto picked = result.index_select(0, rows);
+      lora_add(picked, x.index_select(0, rows), a, b, scaling);
+      result.index_copy_(0, rows, picked);
+    }
+  }
+  return result;
+}
+
+// A whole GPT-NeoX layer for one new token per row, as `_Layer` in models/neox_step.py runs it,
+// without returning to Python between its parts: the same ATen layer norms, GELU and residual
+// additions, our kernels for the rest. `norms` holds the two layer norms' weights and biases,
+// `linears` four (weight, scales, row sums, bias) groups: query_key_value, dense, dense_h_to_4h,
+// dense_4h_to_h. About 45 Python-level calls per layer become one.
+torch::Tensor decode_layer(const torch::Tensor& hidden, const std::vector<torch::Tensor>& norms, double eps,
+                           const std::vector<torch::Tensor>& linears, const std::vector<LoraTerm>& loras,
+                           const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
+                           torch::Tensor& values, int64_t column, const torch::Tensor& attends, double scaling,
+                           bool parallel_residual) {
+  TORCH_CHECK(norms.size() == 4 && linears.size() == 16, "4 layer-norm tensors and 4 linear groups");
+  const int64_t rows = hidden.size(0), width = hidden.size(-1);
+  const auto norm = [&](const torch::Tensor& x, int which) {
+    return at::layer_norm(x, {width}, norms[2 * which], norms[2 * which + 1], eps);
+  };
+  const auto qkv = project(norm(hidden, 0), linears, 0, loras);
+  const auto attended = attend_one(qkv.view({rows, -1}), cos, sin, keys, values, column, attends, scaling);
+  const auto attention = project(attended.view({rows, 1, -1}), linears, 1, loras);
+  const auto mlp = [&](const torch::Tensor& x) { return project(at::gelu(project(x, linears, 2, loras)), linears, 3, loras); };
+  if (parallel_residual) return mlp(norm(hidden, 1)) + attention + hidden;
+  const auto residual = attention + hidden;
+  return mlp(norm(residual, 1)) + residual;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_linear", &int8_linear, "x @ dequantised(weight).T + bias, for a few rows of x");
   module.def("quantize_rows_signed", &quantize_rows_signed, "int8 rows and one scale per row");
   module.def("lora_add", &lora_add, "a LoRA adapter's update, computed in float32, added into result");
   module.def("attend_one", &attend_one, "rotary, cache update and attention for one new token per row");
+  module.def("decode_layer", &decode_layer, "a GPT-NeoX layer for one new token per row");
   module.def("scale_products", &scale_products, "int32 products scaled back to floats, plus bias");
 }

@@ -65,6 +65,23 @@ class CpuKernel(Protocol):
         scaling: float,
     ) -> torch.Tensor: ...
 
+    def decode_layer(
+        self,
+        hidden: torch.Tensor,
+        norms: list[torch.Tensor],
+        eps: float,
+        linears: list[torch.Tensor],
+        loras: list[tuple[int, torch.Tensor, torch.Tensor, float, torch.Tensor]],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        column: int,
+        attends: torch.Tensor,
+        scaling: float,
+        parallel_residual: bool,
+    ) -> torch.Tensor: ...
+
     def scale_products(
         self,
         products: torch.Tensor,

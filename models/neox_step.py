@@ -36,10 +36,12 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.activations import GELUActivation
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from models.cpu_kernel import CpuKernel
+from models.quantize import VnniInt8Linear
 
 
 @dataclass(frozen=True)
@@ -66,23 +68,23 @@ class _Projection:
     """A linear layer of the model, with the LoRA adapters PEFT attached to it (if any)."""
 
     def __init__(self, module: nn.Module, kernel: CpuKernel | None) -> None:
-        self._adapters: dict[str, _Lora] = {}
+        self.adapters: dict[str, _Lora] = {}
+        self.base_module = cast(nn.Module, module.get_base_layer()) if isinstance(module, LoraLayer) else module
+        self._base = _forward(self.base_module)
         if not isinstance(module, LoraLayer):
-            self._base = _forward(module)
             return
-        self._base = _forward(cast(nn.Module, module.get_base_layer()))
         for name in module.lora_A:
             if name in module.lora_variant:
                 raise ValueError(f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__})")
             a = cast(nn.Linear, module.lora_A[name]).weight
             b = cast(nn.Linear, module.lora_B[name]).weight
             fits = all(f.dtype == torch.float32 and f.device.type == "cpu" and f.is_contiguous() for f in (a, b))
-            self._adapters[name] = _Lora(a=a, b=b, scaling=float(module.scaling[name]), kernel=kernel if fits else None)
+            self.adapters[name] = _Lora(a=a, b=b, scaling=float(module.scaling[name]), kernel=kernel if fits else None)
 
     def __call__(self, x: torch.Tensor, groups: Sequence[tuple[str, torch.Tensor | None]]) -> torch.Tensor:
         result = self._base(x)
         for name, rows in groups:
-            lora = self._adapters.get(name)
+            lora = self.adapters.get(name)
             if lora is None:
                 continue
             if rows is None:
@@ -294,8 +296,11 @@ class _Layer:
         self._scaling = float(cast(float, attention.scaling))
         self._attend = attend
         self._parallel_residual = parallel_residual
+        self._native = _NativeLayer.of(layer, [self._qkv, self._dense, self._up, self._down], kernel, attend)
 
     def __call__(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, token: _Token) -> torch.Tensor:
+        if self._native is not None and hidden.shape[0] <= VnniInt8Linear.MAX_KERNEL_ROWS:
+            return self._native(hidden, keys, values, token, self._scaling, self._parallel_residual)
         qkv = self._qkv(self._input_norm(hidden), token.groups)
         attended = self._attend(qkv, keys, values, token, self._scaling)
         attention = self._dense(attended, token.groups)
@@ -307,6 +312,92 @@ class _Layer:
 
     def _mlp(self, x: torch.Tensor, groups: Sequence[tuple[str, torch.Tensor | None]]) -> torch.Tensor:
         return self._down(self._act(self._up(x, groups)), groups)
+
+
+class _NativeLayer:
+    """The same layer in one call of our kernel (`decode_layer`), which runs the same ATen layer
+    norms, GELU and additions and our kernels for the rest without coming back to Python: a
+    layer was about 45 Python-level calls, a few milliseconds a step on two cores.
+
+    Only for what `decode_layer` implements: our int8 base layers, exact GELU, affine layer norms
+    of one epsilon, our attention; `of` returns None otherwise.
+    """
+
+    def __init__(
+        self,
+        kernel: CpuKernel,
+        norms: list[torch.Tensor],
+        eps: float,
+        linears: list[torch.Tensor],
+        projections: list[_Projection],
+    ) -> None:
+        self._kernel = kernel
+        self._norms = norms
+        self._eps = eps
+        self._linears = linears
+        self._projections = projections
+        self._all_rows = torch.empty(0, dtype=torch.long)
+
+    @classmethod
+    def of(
+        cls,
+        layer: nn.Module,
+        projections: list[_Projection],
+        kernel: CpuKernel | None,
+        attend: _TorchAttention | _KernelAttention,
+    ) -> _NativeLayer | None:
+        norms = [cast(nn.Module, layer.input_layernorm), cast(nn.Module, layer.post_attention_layernorm)]
+        act = cast(nn.Module, cast(nn.Module, layer.mlp).act)
+        bases = [projection.base_module for projection in projections]
+        if (
+            kernel is None
+            or not isinstance(attend, _KernelAttention)
+            or not all(isinstance(base, VnniInt8Linear) for base in bases)
+            or not all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms)
+            or len({cast(nn.LayerNorm, n).eps for n in norms}) != 1
+            or not isinstance(act, GELUActivation)
+            or act.act is not F.gelu
+        ):
+            return None
+        return cls(
+            kernel,
+            [tensor for n in norms for tensor in (cast(nn.LayerNorm, n).weight, cast(nn.LayerNorm, n).bias)],
+            float(cast(nn.LayerNorm, norms[0]).eps),
+            [tensor for base in bases for tensor in cast(VnniInt8Linear, base).kernel_operands()],
+            projections,
+        )
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        token: _Token,
+        scaling: float,
+        parallel_residual: bool,
+    ) -> torch.Tensor:
+        rows = hidden.shape[0]
+        loras = [
+            (which, lora.a, lora.b, lora.scaling, self._all_rows if picked is None else picked)
+            for which, projection in enumerate(self._projections)
+            for name, picked in token.groups
+            if (lora := projection.adapters.get(name)) is not None
+        ]
+        return self._kernel.decode_layer(
+            hidden,
+            self._norms,
+            self._eps,
+            self._linears,
+            loras,
+            token.cos.reshape(rows, -1),
+            token.sin.reshape(rows, -1),
+            keys,
+            values,
+            token.column,
+            token.attends,
+            scaling,
+            parallel_residual,
+        )
 
 
 def _forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

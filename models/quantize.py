@@ -96,6 +96,10 @@ class VnniInt8Linear(DynamicInt8Linear):
         self._no_bias = torch.empty(0)
         self.weight_bytes += 4 * self.out_features
 
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `int8_linear` takes after the input: weight, scales, row sums, bias (empty if none)."""
+        return self._int8, self._scales, self._row_sums, self._no_bias if self._bias is None else self._bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self._no_bias if self._bias is None else self._bias
         # A single input feature stays on our kernel: `_int_mm` misreads (M, 1) operands, whose

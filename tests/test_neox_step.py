@@ -7,6 +7,8 @@ checkpoints say, so every step's logits are compared, not just the text at the e
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,7 +98,8 @@ def test_every_step_gives_the_hf_forward_logits(
     """A mixed-adapter, left-padded batch decoded for several steps, then two rows of it only
     (one repeated), as the generator's retry samples and shrinking batches do."""
     model = load_text_generator(tiny_layout, device="cpu", dtype=dtype, int8=int8).model
-    step = NeoXStep(model, kernel)
+    counting = None if kernel is None else _CountingKernel(kernel)
+    step = NeoXStep(model, cast(CpuKernel | None, counting))
     logits, mask, positions, hf_cache = _prefill(model, tiny_layout)
     cache = step.cache_from(hf_cache, torch.arange(len(PROMPTS)), mask, room=2 * STEPS)
     tokens, next_position, adapters = logits.argmax(-1), positions[:, -1] + 1, _adapters()
@@ -118,6 +121,24 @@ def test_every_step_gives_the_hf_forward_logits(
     assert agreement.relative_error < tolerance
     assert agreement.top1 >= 0.9
     assert cache.length == mask.shape[1]
+    if counting is not None:
+        # Whole layers run in the kernel exactly where the base layers are our int8 ones.
+        assert (counting.layers > 0) is int8
+
+
+class _CountingKernel:
+    """Our kernel, counting the whole-layer calls."""
+
+    def __init__(self, kernel: CpuKernel) -> None:
+        self._kernel = kernel
+        self.layers = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kernel, name)
+
+    def decode_layer(self, *args: Any) -> torch.Tensor:
+        self.layers += 1
+        return self._kernel.decode_layer(*args)
 
 
 def test_the_cache_holds_what_it_was_given(tiny_layout: ModelLayout) -> None:
