@@ -444,10 +444,21 @@ using LoraTerm = std::tuple<int64_t, torch::Tensor, torch::Tensor, double, torch
 
 // A projection of the layer on our int8 kernel, plus the LoRA terms that name it, added as PEFT
 // adds them (`_Projection` in models/neox_step.py does the same from Python).
+// More than `max_kernel_rows` rows go to `_int_mm`, as `VnniInt8Linear.forward` sends them.
 torch::Tensor project(const torch::Tensor& x, const std::vector<torch::Tensor>& linears, int64_t which,
-                      const std::vector<LoraTerm>& loras) {
-  auto result = int8_linear(x, linears[4 * which], linears[4 * which + 1], linears[4 * which + 2],
-                            linears[4 * which + 3]);
+                      const std::vector<LoraTerm>& loras, int64_t max_kernel_rows) {
+  const auto& weight = linears[4 * which];
+  const auto& scales = linears[4 * which + 1];
+  const auto& bias = linears[4 * which + 3];
+  torch::Tensor result;
+  if (x.numel() <= max_kernel_rows * x.size(-1)) {
+    result = int8_linear(x, weight, scales, linears[4 * which + 2], bias);
+  } else {
+    const auto [quantized, row_scales] = quantize_rows_signed(x);
+    auto shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    result = scale_products(at::_int_mm(quantized, weight.t()), row_scales, scales, bias, x.scalar_type()).view(shape);
+  }
   for (const auto& [target, a, b, scaling, rows] : loras) {
     if (target != which) continue;
     if (rows.numel() == 0) {
@@ -470,16 +481,18 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const std::vector<torch:
                            const std::vector<torch::Tensor>& linears, const std::vector<LoraTerm>& loras,
                            const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
                            torch::Tensor& values, int64_t column, const torch::Tensor& attends, double scaling,
-                           bool parallel_residual) {
+                           bool parallel_residual, int64_t max_kernel_rows) {
   TORCH_CHECK(norms.size() == 4 && linears.size() == 16, "4 layer-norm tensors and 4 linear groups");
   const int64_t rows = hidden.size(0), width = hidden.size(-1);
   const auto norm = [&](const torch::Tensor& x, int which) {
     return at::layer_norm(x, {width}, norms[2 * which], norms[2 * which + 1], eps);
   };
-  const auto qkv = project(norm(hidden, 0), linears, 0, loras);
+  const auto qkv = project(norm(hidden, 0), linears, 0, loras, max_kernel_rows);
   const auto attended = attend_one(qkv.view({rows, -1}), cos, sin, keys, values, column, attends, scaling);
-  const auto attention = project(attended.view({rows, 1, -1}), linears, 1, loras);
-  const auto mlp = [&](const torch::Tensor& x) { return project(at::gelu(project(x, linears, 2, loras)), linears, 3, loras); };
+  const auto attention = project(attended.view({rows, 1, -1}), linears, 1, loras, max_kernel_rows);
+  const auto mlp = [&](const torch::Tensor& x) {
+    return project(at::gelu(project(x, linears, 2, loras, max_kernel_rows)), linears, 3, loras, max_kernel_rows);
+  };
   if (parallel_residual) return mlp(norm(hidden, 1)) + attention + hidden;
   const auto residual = attention + hidden;
   return mlp(norm(residual, 1)) + residual;

@@ -12,9 +12,12 @@ on two cores both were slow with stock operators. Three functions do the step's 
   with the adapters streamed at about 80 % of `mv`'s bandwidth (`F.linear` at about 60 %).
 - `attend_one`: rotary embedding, cache update and attention for one new token per row, in one
   call per layer instead of about twenty operators.
+- `decode_layer`: a whole GPT-NeoX layer for one new token per row, from the above and ATen's
+  own layer norm, GELU and additions, so that Python is not re-entered about 45 times a layer
+  (about 5 ms of a Polyglot-Ko step).
 
 Together they took a Polyglot-Ko-shaped step from about 100 ms (HF forward, PEFT, oneDNN) to
-about 67 ms (see `models.neox_step`).
+about 62-65 ms (see `models.neox_step`).
 
 It is compiled with the compiler PyTorch's extension builder finds (gcc, with the Python
 headers) and cached per machine by PyTorch (`~/.cache/torch_extensions`, or
@@ -80,6 +83,7 @@ class CpuKernel(Protocol):
         attends: torch.Tensor,
         scaling: float,
         parallel_residual: bool,
+        max_kernel_rows: int,
     ) -> torch.Tensor: ...
 
     def scale_products(

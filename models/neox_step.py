@@ -13,15 +13,18 @@ replaces the glue, for steps of one token per row:
 - the rotary angles are the model's own, computed once for every position;
 - each LoRA product runs on the rows of its adapter, and on the whole batch when it has one;
 - on the CPU, our kernel (`models.cpu_kernel`) does the LoRA products and, per layer, rotary,
-  cache update and attention in one call.
+  cache update and attention in one call; over our int8 layers it runs each whole layer in one
+  call (`_NativeLayer`), with the same operators in the same order.
 
 The arithmetic is the HF model's: the same layer norms, PEFT's float32 LoRA products rounded to
 the model's dtype and then added, rotary products rounded as `apply_rotary_pos_emb` rounds them,
 attention in float32 as `scaled_dot_product_attention` computes it, the same residual order.
 Without the kernel the step calls those very operators. Prompts still go through the HF
 forward, which is compute-bound and where this glue costs little. Measured on a model of
-Polyglot-Ko's shapes (int8, one adapter, 2 cores, interleaved): HF forward about 100 ms a step,
-this module on the stock operators about 74, with the kernel about 67; the weights alone 50-52.
+Polyglot-Ko's shapes (int8, one adapter, 2 cores, interleaved; the machine's bandwidth drifts,
+so compare within a line): HF forward about 100 ms a step, this module on the stock operators
+about 74, with the kernel about 67 and the weights alone 50-52; with whole layers in the kernel
+65 against 70 layer by layer.
 """
 
 from __future__ import annotations
@@ -299,7 +302,7 @@ class _Layer:
         self._native = _NativeLayer.of(layer, [self._qkv, self._dense, self._up, self._down], kernel, attend)
 
     def __call__(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, token: _Token) -> torch.Tensor:
-        if self._native is not None and hidden.shape[0] <= VnniInt8Linear.MAX_KERNEL_ROWS:
+        if self._native is not None:
             return self._native(hidden, keys, values, token, self._scaling, self._parallel_residual)
         qkv = self._qkv(self._input_norm(hidden), token.groups)
         attended = self._attend(qkv, keys, values, token, self._scaling)
@@ -397,6 +400,7 @@ class _NativeLayer:
             token.attends,
             scaling,
             parallel_residual,
+            VnniInt8Linear.MAX_KERNEL_ROWS,
         )
 
 

@@ -23,7 +23,7 @@ from models.cpu_kernel import CpuKernel
 from models.layout import ModelLayout
 from models.llm import load_text_generator
 from models.neox_step import NeoXStep
-from models.quantize import compare_logits
+from models.quantize import VnniInt8Linear, compare_logits
 
 PROMPTS = [
     (Task.OUTPUT_MESSAGE, "(오로라 답변 요약) 사용자가 부산에 산다고 말함 (사용자 질문) 응 광안리 근처야 (답변 시작)"),
@@ -95,8 +95,8 @@ def _hf_step(
 def test_every_step_gives_the_hf_forward_logits(
     tiny_layout: ModelLayout, kernel: CpuKernel | None, dtype: str, int8: bool, tolerance: float
 ) -> None:
-    """A mixed-adapter, left-padded batch decoded for several steps, then two rows of it only
-    (one repeated), as the generator's retry samples and shrinking batches do."""
+    """A mixed-adapter, left-padded batch decoded for several steps, then its rows repeated into
+    a batch wider than our int8 kernel takes (`_int_mm` then), as retry samples do."""
     model = load_text_generator(tiny_layout, device="cpu", dtype=dtype, int8=int8).model
     counting = None if kernel is None else _CountingKernel(kernel)
     step = NeoXStep(model, cast(CpuKernel | None, counting))
@@ -106,7 +106,8 @@ def test_every_step_gives_the_hf_forward_logits(
     ours_all, reference_all = [], []
     for number in range(2 * STEPS):
         if number == STEPS:
-            rows = [2, 0, 2]
+            rows = [2, 0, 2, 1, 1, 0, 2, 0, 1, 2]
+            assert len(rows) > VnniInt8Linear.MAX_KERNEL_ROWS
             index = torch.tensor(rows)
             cache, adapters = cache.select(index), _adapters(rows)
             hf_cache.batch_select_indices(index)
