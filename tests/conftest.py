@@ -55,3 +55,14 @@ def sampling_generator(tiny_layout: ModelLayout):  # type: ignore[no-untyped-def
     from models.llm import load_text_generator
 
     return load_text_generator(tiny_layout, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def ours():  # type: ignore[no-untyped-def]
+    """Our CPU kernels, built on first use; tests that need them skip where they cannot be built."""
+    from models import cpu_kernel
+
+    built = cpu_kernel.load()
+    if built is None:
+        pytest.skip("our CPU kernels need AVX512-VNNI and a C++ compiler; the log says which is missing")
+    return built

@@ -18,7 +18,6 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from core.types import Task
-from models import cpu_kernel
 from models.cpu_kernel import CpuKernel
 from models.layout import ModelLayout
 from models.llm import load_text_generator
@@ -38,10 +37,7 @@ def kernel(request: pytest.FixtureRequest) -> CpuKernel | None:
     """The step on the HF operators (None) and on our kernel, where this machine can build it."""
     if request.param == "torch":
         return None
-    built = cpu_kernel.load()
-    if built is None:
-        pytest.skip("our kernel needs AVX512-VNNI and a C++ compiler; the log says which is missing")
-    return built
+    return cast(CpuKernel, request.getfixturevalue("ours"))
 
 
 def _prefill(model: PeftModel, layout: ModelLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cache]:
@@ -176,14 +172,6 @@ def test_other_architectures_are_refused() -> None:
     model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     with pytest.raises(ValueError, match="GPT-NeoX"):
         NeoXStep(model)
-
-
-@pytest.fixture
-def ours() -> CpuKernel:
-    built = cpu_kernel.load()
-    if built is None:
-        pytest.skip("our kernel needs AVX512-VNNI and a C++ compiler; the log says which is missing")
-    return built
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

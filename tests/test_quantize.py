@@ -46,14 +46,6 @@ def kernel(request: pytest.FixtureRequest) -> CpuKernel | None:
     return request.getfixturevalue("ours")
 
 
-@pytest.fixture
-def ours() -> CpuKernel:
-    built = cpu_kernel.load()
-    if built is None:
-        pytest.skip("our int8 kernel needs AVX512-VNNI and a C++ compiler; the log says which is missing")
-    return built
-
-
 def load(layout: ModelLayout) -> tuple[PeftModel, Any]:
     """The base in float32 with the four adapters, as the product loads them."""
     model = load_text_generator(layout, device="cpu", dtype="float32").model
