@@ -19,6 +19,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -439,63 +442,243 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const torch::Tensor& cos, con
   return output;
 }
 
-// One adapter on one projection of a layer, for `rows` of the batch (empty: every row).
-using LoraTerm = std::tuple<int64_t, torch::Tensor, torch::Tensor, double, torch::Tensor>;
+namespace {
 
-// A projection of the layer on our int8 kernel, plus the LoRA terms that name it, added as PEFT
-// adds them (`_Projection` in models/neox_step.py does the same from Python).
-// More than `max_kernel_rows` rows go to `_int_mm`, as `VnniInt8Linear.forward` sends them.
-torch::Tensor project(const torch::Tensor& x, const std::vector<torch::Tensor>& linears, int64_t which,
-                      const std::vector<LoraTerm>& loras, int64_t max_kernel_rows) {
-  const auto& weight = linears[4 * which];
-  const auto& scales = linears[4 * which + 1];
-  const auto& bias = linears[4 * which + 3];
-  torch::Tensor result;
-  if (x.numel() <= max_kernel_rows * x.size(-1)) {
-    result = int8_linear(x, weight, scales, linears[4 * which + 2], bias);
-  } else {
-    const auto [quantized, row_scales] = quantize_rows_signed(x);
-    auto shape = x.sizes().vec();
-    shape.back() = weight.size(0);
-    result = scale_products(at::_int_mm(quantized, weight.t()), row_scales, scales, bias, x.scalar_type()).view(shape);
-  }
-  for (const auto& [target, a, b, scaling, rows] : loras) {
-    if (target != which) continue;
-    if (rows.numel() == 0) {
-      lora_add(result, x, a, b, scaling);
-    } else {
-      auto picked = result.index_select(0, rows);
-      lora_add(picked, x.index_select(0, rows), a, b, scaling);
-      result.index_copy_(0, rows, picked);
-    }
-  }
-  return result;
+// 16 float32 lanes stored as the tensor's dtype, rounded to nearest even as PyTorch rounds.
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(double* p, __m512 v) {
+  _mm512_storeu_pd(p, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+  _mm512_storeu_pd(p + 8, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+inline void store16(c10::BFloat16* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// A whole GPT-NeoX layer for one new token per row, as `_Layer` in models/neox_step.py runs it,
-// without returning to Python between its parts: the same ATen layer norms, GELU and residual
-// additions, our kernels for the rest. `norms` holds the two layer norms' weights and biases,
-// `linears` four (weight, scales, row sums, bias) groups: query_key_value, dense, dense_h_to_4h,
-// dense_4h_to_h. About 45 Python-level calls per layer become one.
-torch::Tensor decode_layer(const torch::Tensor& hidden, const std::vector<torch::Tensor>& norms, double eps,
-                           const std::vector<torch::Tensor>& linears, const std::vector<LoraTerm>& loras,
-                           const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys,
-                           torch::Tensor& values, int64_t column, const torch::Tensor& attends, double scaling,
-                           bool parallel_residual, int64_t max_kernel_rows) {
-  TORCH_CHECK(norms.size() == 4 && linears.size() == 16, "4 layer-norm tensors and 4 linear groups");
-  const int64_t rows = hidden.size(0), width = hidden.size(-1);
-  const auto norm = [&](const torch::Tensor& x, int which) {
-    return at::layer_norm(x, {width}, norms[2 * which], norms[2 * which + 1], eps);
-  };
-  const auto qkv = project(norm(hidden, 0), linears, 0, loras, max_kernel_rows);
-  const auto attended = attend_one(qkv.view({rows, -1}), cos, sin, keys, values, column, attends, scaling);
-  const auto attention = project(attended.view({rows, 1, -1}), linears, 1, loras, max_kernel_rows);
-  const auto mlp = [&](const torch::Tensor& x) {
-    return project(at::gelu(project(x, linears, 2, loras, max_kernel_rows)), linears, 3, loras, max_kernel_rows);
-  };
-  if (parallel_residual) return mlp(norm(hidden, 1)) + attention + hidden;
-  const auto residual = attention + hidden;
-  return mlp(norm(residual, 1)) + residual;
+// e^x for 16 lanes, within about an ulp: 2^n * e^r with |r| <= ln(2) / 2 and a degree-7 polynomial.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The exact (erf) GELU, x / 2 * (1 + erf(x / sqrt 2)), in ATen's form: erf from Abramowitz and
+// Stegun 7.1.26 (absolute error under 1.5e-7), sign(a) * (1 - t * poly(t) * e^(-a^2)), then
+// 1 + erf, which rounds values below about -5.5 to -0 as ATen's does. The results differ from
+// ATen's by a few float32 ulps, far below the int8 step of the next layer's quantised input.
+inline __m512 gelu16(__m512 x) {
+  const __m512 a = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  const __m512 size = _mm512_abs_ps(a);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), size, _mm512_set1_ps(1.f)));
+  __m512 poly = _mm512_set1_ps(1.061405429f);
+  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
+  const __m512 tail = _mm512_mul_ps(_mm512_mul_ps(exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a))), t), poly);
+  const __m512 magnitude = _mm512_sub_ps(_mm512_set1_ps(1.f), tail);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN));
+  const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), sign));
+  return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+
+// The last `count` (< 16) values of a row, through float32 lanes.
+template <typename scalar_t>
+inline __m512 load_tail(const scalar_t* p, int64_t count) {
+  alignas(64) float lanes[16] = {};
+  for (int64_t i = 0; i < count; ++i) lanes[i] = static_cast<float>(p[i]);
+  return _mm512_load_ps(lanes);
+}
+template <typename scalar_t>
+inline void store_tail(scalar_t* p, __m512 v, int64_t count) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  for (int64_t i = 0; i < count; ++i) p[i] = static_cast<scalar_t>(lanes[i]);
+}
+
+// out[i] = f(in[i]) over n values, 16 at a time in float32, rounded once to the dtype.
+template <typename scalar_t, typename F>
+void map16(const scalar_t* in, scalar_t* out, int64_t n, F f) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(out + i, f(load16(in + i), i));
+  if (i < n) store_tail(out + i, f(load_tail(in + i, n - i), i), n - i);
+}
+
+}  // namespace
+
+// x (..., N) -> gelu(x), exact form, in x's dtype. ATen's `gelu` on a decode step's 8,192 values
+// took 50-80 us a layer; this takes a few.
+torch::Tensor exact_gelu(const torch::Tensor& x) {
+  if (x.scalar_type() == torch::kDouble) return at::gelu(x);  // our lanes are float32
+  const auto input = x.contiguous();
+  auto output = torch::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, x.scalar_type(), "gelu", [&] {
+    map16(input.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), input.numel(), [](__m512 v, int64_t) { return gelu16(v); });
+  });
+  return output;
+}
+
+// Layer norm of each row of x (..., W) with weight and bias (W,) of x's dtype: statistics in
+// float32 (mean, then the mean squared deviation), one rounding to the dtype, as ATen does.
+torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(weight.numel() == width && bias.numel() == width && weight.is_contiguous() && bias.is_contiguous(),
+              "weight and bias must be contiguous, one value per feature");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(),
+              "weight and bias must have the input's dtype");
+  if (x.scalar_type() == torch::kDouble) return at::layer_norm(x, {width}, weight, bias, eps);  // float32 lanes
+  const auto input = x.contiguous();
+  auto output = torch::empty_like(input);
+  const int64_t rows = input.numel() / width;
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, x.scalar_type(), "layer_norm", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* b = bias.data_ptr<scalar_t>();
+    for (int64_t m = 0; m < rows; ++m) {
+      const scalar_t* row = input.data_ptr<scalar_t>() + m * width;
+      scalar_t* out = output.data_ptr<scalar_t>() + m * width;
+      const auto sum = [&](auto term) {
+        __m512 acc = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= width; k += 16) acc = _mm512_add_ps(acc, term(load16(row + k)));
+        if (k < width) acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps((1u << (width - k)) - 1, term(load_tail(row + k, width - k))));
+        return _mm512_reduce_add_ps(acc);
+      };
+      const float mean = sum([](__m512 v) { return v; }) / static_cast<float>(width);
+      const __m512 centre = _mm512_set1_ps(mean);
+      const float variance = sum([&](__m512 v) {
+        const __m512 d = _mm512_sub_ps(v, centre);
+        return _mm512_mul_ps(d, d);
+      }) / static_cast<float>(width);
+      const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(variance + static_cast<float>(eps)));
+      map16(row, out, width, [&](__m512 v, int64_t k) {
+        const bool whole = k + 16 <= width;
+        const __m512 g = whole ? load16(w + k) : load_tail(w + k, width - k);
+        const __m512 h = whole ? load16(b + k) : load_tail(b + k, width - k);
+        return _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(v, centre), scale), g), h);
+      });
+    }
+  });
+  return output;
+}
+
+namespace {
+
+// a + b, rounded to the dtype, as ATen's `add` rounds.
+torch::Tensor sum_of(const torch::Tensor& a, const torch::Tensor& b) {
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.numel() == b.numel() && a.scalar_type() == b.scalar_type(),
+              "add: two contiguous tensors of one size and dtype");
+  auto output = torch::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, a.scalar_type(), "add", [&] {
+    const scalar_t* other = b.data_ptr<scalar_t>();
+    const int64_t n = a.numel();
+    map16(a.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), n, [&](__m512 v, int64_t i) {
+      return _mm512_add_ps(v, i + 16 <= n ? load16(other + i) : load_tail(other + i, n - i));
+    });
+  });
+  return output;
+}
+
+struct Adapter {
+  int64_t target;  // which projection: 0 query_key_value, 1 dense, 2 dense_h_to_4h, 3 dense_4h_to_h
+  torch::Tensor a, b;
+  double scaling;
+};
+
+}  // namespace
+
+// A GPT-NeoX layer whose four projections are our int8 layers, for one new token per row, as
+// `_Layer` in models/neox_step.py runs it: our layer norms, int8 and LoRA products, attention
+// and GELU, with the additions in the same order, without returning to Python between its
+// parts (a layer was about 45 Python-level calls).
+class NeoXLayer {
+ public:
+  // norms: the two layer norms' weights and biases; linears: four (weight, scales, row sums,
+  // bias) groups: query_key_value, dense, dense_h_to_4h, dense_4h_to_h. More than
+  // `max_kernel_rows` rows go to `_int_mm`, as `VnniInt8Linear.forward` sends them.
+  NeoXLayer(std::vector<torch::Tensor> norms, double eps, std::vector<torch::Tensor> linears, double scaling,
+            bool parallel_residual, int64_t max_kernel_rows)
+      : norms_(std::move(norms)), eps_(eps), linears_(std::move(linears)), scaling_(scaling),
+        parallel_residual_(parallel_residual), max_kernel_rows_(max_kernel_rows) {
+    TORCH_CHECK(norms_.size() == 4 && linears_.size() == 16, "4 layer-norm tensors and 4 linear groups");
+  }
+
+  // A LoRA adapter on projection `target`, used for the rows that name it.
+  void add_adapter(const std::string& name, int64_t target, torch::Tensor a, torch::Tensor b, double scaling) {
+    TORCH_CHECK(0 <= target && target < 4, "target must name one of the four projections");
+    adapters_.emplace(name, Adapter{target, std::move(a), std::move(b), scaling});
+  }
+
+  // groups: each adapter named in the batch with its rows (empty: every row).
+  torch::Tensor forward(const torch::Tensor& hidden, const std::vector<std::tuple<std::string, torch::Tensor>>& groups,
+                        const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& keys, torch::Tensor& values,
+                        int64_t column, const torch::Tensor& attends) const {
+    const int64_t rows = hidden.size(0);
+    const auto qkv = project(norm_rows(hidden, norms_[0], norms_[1], eps_), 0, groups);
+    const auto attended = attend_one(qkv.view({rows, -1}), cos, sin, keys, values, column, attends, scaling_);
+    const auto attention = project(attended.view(hidden.sizes()), 1, groups);
+    const auto mlp = [&](const torch::Tensor& x) { return project(exact_gelu(project(x, 2, groups)), 3, groups); };
+    if (parallel_residual_) return sum_of(sum_of(mlp(norm_rows(hidden, norms_[2], norms_[3], eps_)), attention), hidden);
+    const auto residual = sum_of(attention, hidden);
+    return sum_of(mlp(norm_rows(residual, norms_[2], norms_[3], eps_)), residual);
+  }
+
+ private:
+  // A projection on our int8 kernel, plus the LoRA updates of the adapters on it.
+  torch::Tensor project(const torch::Tensor& x, int64_t which,
+                        const std::vector<std::tuple<std::string, torch::Tensor>>& groups) const {
+    const auto& weight = linears_[4 * which];
+    const auto& scales = linears_[4 * which + 1];
+    const auto& bias = linears_[4 * which + 3];
+    torch::Tensor result;
+    if (x.numel() <= max_kernel_rows_ * x.size(-1)) {
+      result = int8_linear(x, weight, scales, linears_[4 * which + 2], bias);
+    } else {
+      const auto [quantized, row_scales] = quantize_rows_signed(x);
+      auto shape = x.sizes().vec();
+      shape.back() = weight.size(0);
+      result = scale_products(at::_int_mm(quantized, weight.t()), row_scales, scales, bias, x.scalar_type()).view(shape);
+    }
+    for (const auto& [name, rows] : groups) {
+      const auto found = adapters_.find(name);
+      if (found == adapters_.end() || found->second.target != which) continue;
+      const Adapter& adapter = found->second;
+      if (rows.numel() == 0) {
+        lora_add(result, x, adapter.a, adapter.b, adapter.scaling);
+      } else {
+        auto picked = result.index_select(0, rows);
+        lora_add(picked, x.index_select(0, rows), adapter.a, adapter.b, adapter.scaling);
+        result.index_copy_(0, rows, picked);
+      }
+    }
+    return result;
+  }
+
+  std::vector<torch::Tensor> norms_;
+  double eps_;
+  std::vector<torch::Tensor> linears_;
+  double scaling_;
+  bool parallel_residual_;
+  int64_t max_kernel_rows_;
+  std::multimap<std::string, Adapter> adapters_;
+};
+
+// Every layer of a model in turn, for one step: hidden (B, 1, W) in, the last layer's output out.
+torch::Tensor decode_layers(const std::vector<std::shared_ptr<NeoXLayer>>& layers, torch::Tensor hidden,
+                            const std::vector<std::tuple<std::string, torch::Tensor>>& groups, const torch::Tensor& cos,
+                            const torch::Tensor& sin, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                            int64_t column, const torch::Tensor& attends) {
+  TORCH_CHECK(keys.size() == layers.size() && values.size() == layers.size(), "one key and value cache per layer");
+  for (size_t i = 0; i < layers.size(); ++i) hidden = layers[i]->forward(hidden, groups, cos, sin, keys[i], values[i], column, attends);
+  return hidden;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -503,6 +686,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("quantize_rows_signed", &quantize_rows_signed, "int8 rows and one scale per row");
   module.def("lora_add", &lora_add, "a LoRA adapter's update, computed in float32, added into result");
   module.def("attend_one", &attend_one, "rotary, cache update and attention for one new token per row");
-  module.def("decode_layer", &decode_layer, "a GPT-NeoX layer for one new token per row");
+  module.def("gelu", &exact_gelu, "the exact GELU");
+  module.def("layer_norm", &norm_rows, "layer norm over the last dimension");
+  pybind11::class_<NeoXLayer, std::shared_ptr<NeoXLayer>>(module, "NeoXLayer")
+      .def(pybind11::init<std::vector<torch::Tensor>, double, std::vector<torch::Tensor>, double, bool, int64_t>())
+      .def("add_adapter", &NeoXLayer::add_adapter);
+  module.def("decode_layers", &decode_layers, "every GPT-NeoX layer of a model for one new token per row");
   module.def("scale_products", &scale_products, "int32 products scaled back to floats, plus bias");
 }

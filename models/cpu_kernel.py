@@ -1,7 +1,7 @@
 """Our CPU decoding kernels (`cpu_kernel.cpp`), built on first use for CPUs with AVX512-VNNI.
 
 A batch-1 decode step is one pass over the weights plus a layer's worth of glue per layer, and
-on two cores both were slow with stock operators. Three functions do the step's hot parts:
+on two cores both were slow with stock operators. These functions do the step's hot parts:
 
 - `int8_linear`: the int8 base layers. Over a Polyglot-Ko-sized stack of 97 layers (1.27 GB of
   int8) on the 2-core AVX512-VNNI/AMX Xeon this was written on, interleaved in one process, it
@@ -12,12 +12,13 @@ on two cores both were slow with stock operators. Three functions do the step's 
   with the adapters streamed at about 80 % of `mv`'s bandwidth (`F.linear` at about 60 %).
 - `attend_one`: rotary embedding, cache update and attention for one new token per row, in one
   call per layer instead of about twenty operators.
-- `decode_layer`: a whole GPT-NeoX layer for one new token per row, from the above and ATen's
-  own layer norm, GELU and additions, so that Python is not re-entered about 45 times a layer
-  (about 5 ms of a Polyglot-Ko step).
+- `NeoXLayer` and `decode_layers`: every GPT-NeoX layer of a model, held by the kernel and run
+  for one new token per row in one call per step, from the above and our own layer norm and
+  GELU (ATen's took 50-80 us a layer on 8,192 values), so that Python is not re-entered about
+  45 times a layer (about 5 ms of a Polyglot-Ko step).
 
 Together they took a Polyglot-Ko-shaped step from about 100 ms (HF forward, PEFT, oneDNN) to
-about 62-65 ms (see `models.neox_step`).
+about 55-58 ms (see `models.neox_step`).
 
 It is compiled with the compiler PyTorch's extension builder finds (gcc, with the Python
 headers) and cached per machine by PyTorch (`~/.cache/torch_extensions`, or
@@ -44,6 +45,13 @@ _FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-mavx512f", "-mavx512bw", "-m
 """No contraction into FMAs: the scalar rotary code must round as PyTorch's operators round."""
 
 
+class NativeLayer(Protocol):
+    """A layer held by our kernel (`NeoXLayer` in cpu_kernel.cpp)."""
+
+    def add_adapter(self, name: str, target: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """A LoRA adapter on projection `target` (0 query_key_value ... 3 dense_4h_to_h)."""
+
+
 class CpuKernel(Protocol):
     """The functions `cpu_kernel.cpp` exports."""
 
@@ -68,23 +76,36 @@ class CpuKernel(Protocol):
         scaling: float,
     ) -> torch.Tensor: ...
 
-    def decode_layer(
+    def gelu(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def NeoXLayer(  # noqa: N802 - the extension's class
         self,
-        hidden: torch.Tensor,
         norms: list[torch.Tensor],
         eps: float,
         linears: list[torch.Tensor],
-        loras: list[tuple[int, torch.Tensor, torch.Tensor, float, torch.Tensor]],
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        column: int,
-        attends: torch.Tensor,
         scaling: float,
         parallel_residual: bool,
         max_kernel_rows: int,
-    ) -> torch.Tensor: ...
+    ) -> NativeLayer:
+        """A GPT-NeoX layer over our int8 layers: two layer norms' (weight, bias), then four
+        (weight, scales, row sums, bias) groups, query_key_value to dense_4h_to_h."""
+
+    def decode_layers(
+        self,
+        layers: list[NativeLayer],
+        hidden: torch.Tensor,
+        groups: list[tuple[str, torch.Tensor]],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        column: int,
+        attends: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every layer in turn for one new token per row; `groups` pairs each adapter with its
+        rows (an empty tensor for every row)."""
 
     def scale_products(
         self,

@@ -13,8 +13,9 @@ replaces the glue, for steps of one token per row:
 - the rotary angles are the model's own, computed once for every position;
 - each LoRA product runs on the rows of its adapter, and on the whole batch when it has one;
 - on the CPU, our kernel (`models.cpu_kernel`) does the LoRA products and, per layer, rotary,
-  cache update and attention in one call; over our int8 layers it runs each whole layer in one
-  call (`_NativeLayer`), with the same operators in the same order.
+  cache update and attention in one call; over our int8 layers it holds every layer
+  (`_native_layer`) and runs the whole stack in one call per step, with its own layer norms and
+  GELU (the same to a few float32 ulps) and the same additions in the same order.
 
 The arithmetic is the HF model's: the same layer norms, PEFT's float32 LoRA products rounded to
 the model's dtype and then added, rotary products rounded as `apply_rotary_pos_emb` rounds them,
@@ -24,7 +25,8 @@ forward, which is compute-bound and where this glue costs little. Measured on a 
 Polyglot-Ko's shapes (int8, one adapter, 2 cores, interleaved; the machine's bandwidth drifts,
 so compare within a line): HF forward about 100 ms a step, this module on the stock operators
 about 74, with the kernel about 67 and the weights alone 50-52; with whole layers in the kernel
-65 against 70 layer by layer.
+65 against 70 layer by layer; with the whole stack in one call and our own layer norms and GELU
+(ATen's GELU took 50-80 us a layer) 55-58 against 62.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from transformers.activations import GELUActivation
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
-from models.cpu_kernel import CpuKernel
+from models.cpu_kernel import CpuKernel, NativeLayer
 from models.quantize import VnniInt8Linear
 
 
@@ -170,6 +172,11 @@ class NeoXStep:
             _Layer(cast(nn.Module, layer), kernel, attention or _TorchAttention(heads), parallel_residual)
             for layer in cast(nn.ModuleList, neox.layers)
         ]
+        natives = [layer.native for layer in self._layers]
+        self._kernel = kernel
+        self._native: list[NativeLayer] | None = None
+        if kernel is not None and all(native is not None for native in natives):
+            self._native = cast(list[NativeLayer], natives)
         self._cos = self._sin = torch.empty(0)
 
     @torch.inference_mode()
@@ -209,8 +216,22 @@ class NeoXStep:
         cos, sin = self._angles(positions, hidden)
         cache.attends[:, cache.length] = True
         token = _Token(_groups(adapters, tokens.device), cos, sin, cache.length, cache.attends)
-        for layer, keys, values in zip(self._layers, cache.keys, cache.values, strict=True):
-            hidden = layer(hidden, keys, values, token)
+        if self._native is not None and self._kernel is not None:
+            rows = len(tokens)
+            hidden = self._kernel.decode_layers(
+                self._native,
+                hidden,
+                [(name, _EVERY_ROW if picked is None else picked) for name, picked in token.groups],
+                cos.reshape(rows, -1),
+                sin.reshape(rows, -1),
+                cache.keys,
+                cache.values,
+                cache.length,
+                cache.attends,
+            )
+        else:
+            for layer, keys, values in zip(self._layers, cache.keys, cache.values, strict=True):
+                hidden = layer(hidden, keys, values, token)
         cache.length += 1
         return self._head(self._final_norm(hidden[:, 0]), token.groups).float()
 
@@ -299,11 +320,12 @@ class _Layer:
         self._scaling = float(cast(float, attention.scaling))
         self._attend = attend
         self._parallel_residual = parallel_residual
-        self._native = _NativeLayer.of(layer, [self._qkv, self._dense, self._up, self._down], kernel, attend)
+        self.native = _native_layer(
+            layer, [self._qkv, self._dense, self._up, self._down], kernel, attend, self._scaling, parallel_residual
+        )
+        """The same layer on our kernel, where it can run there."""
 
     def __call__(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, token: _Token) -> torch.Tensor:
-        if self._native is not None:
-            return self._native(hidden, keys, values, token, self._scaling, self._parallel_residual)
         qkv = self._qkv(self._input_norm(hidden), token.groups)
         attended = self._attend(qkv, keys, values, token, self._scaling)
         attention = self._dense(attended, token.groups)
@@ -317,91 +339,50 @@ class _Layer:
         return self._down(self._act(self._up(x, groups)), groups)
 
 
-class _NativeLayer:
-    """The same layer in one call of our kernel (`decode_layer`), which runs the same ATen layer
-    norms, GELU and additions and our kernels for the rest without coming back to Python: a
-    layer was about 45 Python-level calls, a few milliseconds a step on two cores.
+def _native_layer(
+    layer: nn.Module,
+    projections: list[_Projection],
+    kernel: CpuKernel | None,
+    attend: _TorchAttention | _KernelAttention,
+    scaling: float,
+    parallel_residual: bool,
+) -> NativeLayer | None:
+    """The layer as one object of our kernel (`NeoXLayer`), which runs it without coming back to
+    Python: a layer was about 45 Python-level calls, a few milliseconds a step on two cores.
 
-    Only for what `decode_layer` implements: our int8 base layers, exact GELU, affine layer norms
-    of one epsilon, our attention; `of` returns None otherwise.
+    Only for what it implements: our int8 base layers, exact GELU, affine layer norms of one
+    epsilon and of the model's dtype, our attention and our LoRA products; None otherwise.
     """
+    norms = [cast(nn.Module, layer.input_layernorm), cast(nn.Module, layer.post_attention_layernorm)]
+    act = cast(nn.Module, cast(nn.Module, layer.mlp).act)
+    bases = [projection.base_module for projection in projections]
+    if (
+        kernel is None
+        or not isinstance(attend, _KernelAttention)
+        or not all(isinstance(base, VnniInt8Linear) for base in bases)
+        or not all(lora.kernel is not None for projection in projections for lora in projection.adapters.values())
+        or not all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms)
+        or len({(cast(nn.LayerNorm, n).eps, cast(nn.LayerNorm, n).weight.dtype) for n in norms}) != 1
+        or not isinstance(act, GELUActivation)
+        or act.act is not F.gelu
+    ):
+        return None
+    native = kernel.NeoXLayer(
+        [tensor for n in norms for tensor in (cast(nn.LayerNorm, n).weight, cast(nn.LayerNorm, n).bias)],
+        float(cast(nn.LayerNorm, norms[0]).eps),
+        [tensor for base in bases for tensor in cast(VnniInt8Linear, base).kernel_operands()],
+        scaling,
+        parallel_residual,
+        VnniInt8Linear.MAX_KERNEL_ROWS,
+    )
+    for which, projection in enumerate(projections):
+        for name, lora in projection.adapters.items():
+            native.add_adapter(name, which, lora.a, lora.b, lora.scaling)
+    return native
 
-    def __init__(
-        self,
-        kernel: CpuKernel,
-        norms: list[torch.Tensor],
-        eps: float,
-        linears: list[torch.Tensor],
-        projections: list[_Projection],
-    ) -> None:
-        self._kernel = kernel
-        self._norms = norms
-        self._eps = eps
-        self._linears = linears
-        self._projections = projections
-        self._all_rows = torch.empty(0, dtype=torch.long)
 
-    @classmethod
-    def of(
-        cls,
-        layer: nn.Module,
-        projections: list[_Projection],
-        kernel: CpuKernel | None,
-        attend: _TorchAttention | _KernelAttention,
-    ) -> _NativeLayer | None:
-        norms = [cast(nn.Module, layer.input_layernorm), cast(nn.Module, layer.post_attention_layernorm)]
-        act = cast(nn.Module, cast(nn.Module, layer.mlp).act)
-        bases = [projection.base_module for projection in projections]
-        if (
-            kernel is None
-            or not isinstance(attend, _KernelAttention)
-            or not all(isinstance(base, VnniInt8Linear) for base in bases)
-            or not all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms)
-            or len({cast(nn.LayerNorm, n).eps for n in norms}) != 1
-            or not isinstance(act, GELUActivation)
-            or act.act is not F.gelu
-        ):
-            return None
-        return cls(
-            kernel,
-            [tensor for n in norms for tensor in (cast(nn.LayerNorm, n).weight, cast(nn.LayerNorm, n).bias)],
-            float(cast(nn.LayerNorm, norms[0]).eps),
-            [tensor for base in bases for tensor in cast(VnniInt8Linear, base).kernel_operands()],
-            projections,
-        )
-
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        token: _Token,
-        scaling: float,
-        parallel_residual: bool,
-    ) -> torch.Tensor:
-        rows = hidden.shape[0]
-        loras = [
-            (which, lora.a, lora.b, lora.scaling, self._all_rows if picked is None else picked)
-            for which, projection in enumerate(self._projections)
-            for name, picked in token.groups
-            if (lora := projection.adapters.get(name)) is not None
-        ]
-        return self._kernel.decode_layer(
-            hidden,
-            self._norms,
-            self._eps,
-            self._linears,
-            loras,
-            token.cos.reshape(rows, -1),
-            token.sin.reshape(rows, -1),
-            keys,
-            values,
-            token.column,
-            token.attends,
-            scaling,
-            parallel_residual,
-            VnniInt8Linear.MAX_KERNEL_ROWS,
-        )
+_EVERY_ROW = torch.empty(0, dtype=torch.long)
+"""What our kernel takes for "the adapter's rows are the whole batch"."""
 
 
 def _forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -85,8 +85,8 @@ def _hf_step(
 
 @pytest.mark.parametrize(
     ("dtype", "int8", "tolerance"),
-    [("float32", False, 1e-4), ("bfloat16", False, 3e-2), ("float32", True, 1e-4)],
-    ids=["float32", "bfloat16", "int8"],
+    [("float32", False, 1e-4), ("bfloat16", False, 3e-2), ("float32", True, 1e-4), ("bfloat16", True, 3e-2)],
+    ids=["float32", "bfloat16", "int8", "int8-bfloat16"],
 )
 def test_every_step_gives_the_hf_forward_logits(
     tiny_layout: ModelLayout, kernel: CpuKernel | None, dtype: str, int8: bool, tolerance: float
@@ -124,7 +124,7 @@ def test_every_step_gives_the_hf_forward_logits(
 
 
 class _CountingKernel:
-    """Our kernel, counting the whole-layer calls."""
+    """Our kernel, counting the layers it was given to run whole."""
 
     def __init__(self, kernel: CpuKernel) -> None:
         self._kernel = kernel
@@ -133,9 +133,9 @@ class _CountingKernel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._kernel, name)
 
-    def decode_layer(self, *args: Any) -> torch.Tensor:
-        self.layers += 1
-        return self._kernel.decode_layer(*args)
+    def decode_layers(self, layers: list[Any], *args: Any) -> torch.Tensor:
+        self.layers += len(layers)
+        return self._kernel.decode_layers(layers, *args)
 
 
 def test_the_cache_holds_what_it_was_given(tiny_layout: ModelLayout) -> None:
@@ -252,3 +252,32 @@ def test_our_lora_add_is_peft_s(ours: CpuKernel, rows: int, dtype: torch.dtype, 
         ours.lora_add(result, x, a, b[:, :-1].contiguous(), 0.5)
     with pytest.raises(RuntimeError, match="result"):
         ours.lora_add(result[:, :, :-1], x, a, b, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_our_gelu_is_atens(ours: CpuKernel, dtype: torch.dtype) -> None:
+    """The exact GELU, far tails and a width that is not a multiple of 16 included (float64 is ATen's own)."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(3 * 8195) * 3, torch.tensor([-30.0, -6.0, -5.0, 0.0, 5.0, 30.0])]).to(dtype)
+    out = ours.gelu(x.view(-1, 1, 8197))
+    assert out.dtype == dtype and out.shape == (3, 1, 8197)
+    expected = F.gelu(x).view(out.shape)
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}.get(dtype, 2**-22)
+    assert torch.allclose(out.double(), expected.double(), rtol=ulp, atol=2e-6)
+    # ATen's 1 + erf rounds the far negative tail to -0; so must ours, or prompt and step disagree.
+    assert torch.equal(out.flatten()[-6:-4], expected.flatten()[-6:-4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("width", [16, 100, 2048])
+def test_our_layer_norm_is_atens(ours: CpuKernel, dtype: torch.dtype, width: int) -> None:
+    torch.manual_seed(width)
+    x = (torch.randn(3, 1, width) * 4 + 2).to(dtype)
+    weight, bias = torch.randn(width).to(dtype), torch.randn(width).to(dtype)
+    out = ours.layer_norm(x, weight, bias, 1e-5)
+    expected = F.layer_norm(x, (width,), weight, bias, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    tolerance = {torch.bfloat16: 2**-7, torch.float16: 2**-10}.get(dtype, 1e-5)
+    assert torch.allclose(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ours.layer_norm(x, weight.to(torch.float16 if dtype != torch.float16 else torch.float32), bias, 1e-5)
