@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -588,7 +589,6 @@ torch::Tensor sum_of(const torch::Tensor& a, const torch::Tensor& b) {
 }
 
 struct Adapter {
-  int64_t target;  // which projection: 0 query_key_value, 1 dense, 2 dense_h_to_4h, 3 dense_4h_to_h
   torch::Tensor a, b;
   double scaling;
 };
@@ -614,7 +614,7 @@ class NeoXLayer {
   // A LoRA adapter on projection `target`, used for the rows that name it.
   void add_adapter(const std::string& name, int64_t target, torch::Tensor a, torch::Tensor b, double scaling) {
     TORCH_CHECK(0 <= target && target < 4, "target must name one of the four projections");
-    adapters_.emplace(name, Adapter{target, std::move(a), std::move(b), scaling});
+    adapters_[target].insert_or_assign(name, Adapter{std::move(a), std::move(b), scaling});
   }
 
   // groups: each adapter named in the batch with its rows (empty: every row).
@@ -648,8 +648,8 @@ class NeoXLayer {
       result = scale_products(at::_int_mm(quantized, weight.t()), row_scales, scales, bias, x.scalar_type()).view(shape);
     }
     for (const auto& [name, rows] : groups) {
-      const auto found = adapters_.find(name);
-      if (found == adapters_.end() || found->second.target != which) continue;
+      const auto found = adapters_[which].find(name);
+      if (found == adapters_[which].end()) continue;
       const Adapter& adapter = found->second;
       if (rows.numel() == 0) {
         lora_add(result, x, adapter.a, adapter.b, adapter.scaling);
@@ -668,7 +668,7 @@ class NeoXLayer {
   double scaling_;
   bool parallel_residual_;
   int64_t max_kernel_rows_;
-  std::multimap<std::string, Adapter> adapters_;
+  std::array<std::map<std::string, Adapter>, 4> adapters_;  // per projection, by adapter name
 };
 
 // Every layer of a model in turn, for one step: hidden (B, 1, W) in, the last layer's output out.
@@ -688,7 +688,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("attend_one", &attend_one, "rotary, cache update and attention for one new token per row");
   module.def("gelu", &exact_gelu, "the exact GELU");
   module.def("layer_norm", &norm_rows, "layer norm over the last dimension");
-  pybind11::class_<NeoXLayer, std::shared_ptr<NeoXLayer>>(module, "NeoXLayer")
+  pybind11::class_<NeoXLayer, std::shared_ptr<NeoXLayer>>(module, "NeoXLayer", pybind11::module_local())
       .def(pybind11::init<std::vector<torch::Tensor>, double, std::vector<torch::Tensor>, double, bool, int64_t>())
       .def("add_adapter", &NeoXLayer::add_adapter);
   module.def("decode_layers", &decode_layers, "every GPT-NeoX layer of a model for one new token per row");

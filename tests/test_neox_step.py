@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
@@ -22,7 +22,7 @@ from models.cpu_kernel import CpuKernel
 from models.layout import ModelLayout
 from models.llm import load_text_generator
 from models.neox_step import NeoXStep
-from models.quantize import VnniInt8Linear, compare_logits
+from models.quantize import VnniInt8Linear, compare_logits, quantize_base_linears
 
 PROMPTS = [
     (Task.OUTPUT_MESSAGE, "(오로라 답변 요약) 사용자가 부산에 산다고 말함 (사용자 질문) 응 광안리 근처야 (답변 시작)"),
@@ -40,8 +40,10 @@ def kernel(request: pytest.FixtureRequest) -> CpuKernel | None:
     return cast(CpuKernel, request.getfixturevalue("ours"))
 
 
-def _prefill(model: PeftModel, layout: ModelLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cache]:
-    """The prompts left-padded into one mixed-adapter batch: (last logits, mask, positions, cache)."""
+def _prefill(
+    model: PeftModel, layout: ModelLayout, adapters: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cache]:
+    """The prompts left-padded into one batch: (last logits, mask, positions, cache)."""
     tokenizer = AutoTokenizer.from_pretrained(layout.adapter_dir(Task.OUTPUT_MESSAGE), local_files_only=True)
     encoded = [tokenizer.encode(prompt) for _, prompt in PROMPTS]
     width = max(map(len, encoded))
@@ -53,13 +55,14 @@ def _prefill(model: PeftModel, layout: ModelLayout) -> tuple[torch.Tensor, torch
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         output = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, adapter_names=_adapters()
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, adapter_names=adapters
         )
     return output.logits[:, -1].float(), mask, positions, output.cache
 
 
-def _adapters(rows: list[int] | None = None) -> list[str]:
-    names = [task.value for task, _ in PROMPTS]
+def _adapters(one: bool, rows: list[int] | None = None) -> list[str]:
+    """Each prompt's own adapter, or the first prompt's for all (the whole batch takes one path then)."""
+    names = [PROMPTS[0][0].value if one else task.value for task, _ in PROMPTS]
     return names if rows is None else [names[row] for row in rows]
 
 
@@ -88,24 +91,26 @@ def _hf_step(
     [("float32", False, 1e-4), ("bfloat16", False, 3e-2), ("float32", True, 1e-4), ("bfloat16", True, 3e-2)],
     ids=["float32", "bfloat16", "int8", "int8-bfloat16"],
 )
+@pytest.mark.parametrize("one_adapter", [False, True], ids=["mixed", "one-adapter"])
 def test_every_step_gives_the_hf_forward_logits(
-    tiny_layout: ModelLayout, kernel: CpuKernel | None, dtype: str, int8: bool, tolerance: float
+    tiny_layout: ModelLayout, kernel: CpuKernel | None, dtype: str, int8: bool, tolerance: float, one_adapter: bool
 ) -> None:
-    """A mixed-adapter, left-padded batch decoded for several steps, then its rows repeated into
-    a batch wider than our int8 kernel takes (`_int_mm` then), as retry samples do."""
+    """A left-padded batch decoded for several steps, then its rows repeated into a batch wider
+    than our int8 kernel takes (`_int_mm` then), as retry samples do. Rows of mixed adapters take
+    each adapter's rows apart; rows of one adapter take the whole batch at once."""
     model = load_text_generator(tiny_layout, device="cpu", dtype=dtype, int8=int8).model
     counting = None if kernel is None else _CountingKernel(kernel)
     step = NeoXStep(model, cast(CpuKernel | None, counting))
-    logits, mask, positions, hf_cache = _prefill(model, tiny_layout)
+    logits, mask, positions, hf_cache = _prefill(model, tiny_layout, _adapters(one_adapter))
     cache = step.cache_from(hf_cache, torch.arange(len(PROMPTS)), mask, room=2 * STEPS)
-    tokens, next_position, adapters = logits.argmax(-1), positions[:, -1] + 1, _adapters()
+    tokens, next_position, adapters = logits.argmax(-1), positions[:, -1] + 1, _adapters(one_adapter)
     ours_all, reference_all = [], []
     for number in range(2 * STEPS):
         if number == STEPS:
             rows = [2, 0, 2, 1, 1, 0, 2, 0, 1, 2]
             assert len(rows) > VnniInt8Linear.MAX_KERNEL_ROWS
             index = torch.tensor(rows)
-            cache, adapters = cache.select(index), _adapters(rows)
+            cache, adapters = cache.select(index), _adapters(one_adapter, rows)
             hf_cache.batch_select_indices(index)
             tokens, mask, next_position = tokens[index], mask[index], next_position[index]
         ours = step(tokens, next_position, cache, adapters)
@@ -140,7 +145,7 @@ class _CountingKernel:
 
 def test_the_cache_holds_what_it_was_given(tiny_layout: ModelLayout) -> None:
     model = load_text_generator(tiny_layout, device="cpu", dtype="float32").model
-    _, mask, _, hf_cache = _prefill(model, tiny_layout)
+    _, mask, _, hf_cache = _prefill(model, tiny_layout, _adapters(False))
     rows = torch.tensor([1, 1, 0])
     cache = NeoXStep(model).cache_from(hf_cache, rows, mask[rows], room=3)
     width = mask.shape[1]
@@ -157,14 +162,53 @@ def test_the_cache_holds_what_it_was_given(tiny_layout: ModelLayout) -> None:
 def test_misuse_is_refused(tiny_layout: ModelLayout) -> None:
     model = load_text_generator(tiny_layout, device="cpu", dtype="float32").model
     step = NeoXStep(model)
-    _, mask, positions, hf_cache = _prefill(model, tiny_layout)
+    _, mask, positions, hf_cache = _prefill(model, tiny_layout, _adapters(False))
     cache = step.cache_from(hf_cache, torch.arange(3), mask, room=1)
     tokens, next_position = torch.zeros(3, dtype=torch.long), positions[:, -1] + 1
     with pytest.raises(ValueError, match="2 adapters"):
-        step(tokens, next_position, cache, _adapters()[:2])
-    step(tokens, next_position, cache, _adapters())
+        step(tokens, next_position, cache, _adapters(False)[:2])
+    step(tokens, next_position, cache, _adapters(False))
     with pytest.raises(ValueError, match="full"):
-        step(tokens, next_position + 1, cache, _adapters())
+        step(tokens, next_position + 1, cache, _adapters(False))
+
+
+@pytest.mark.parametrize("adapters", [["first", "second", "first"], ["second"] * 3], ids=["mixed", "one-adapter"])
+def test_adapters_on_every_projection(ours: CpuKernel, adapters: list[str]) -> None:
+    """Two adapters on all four projections of every layer, against the HF forward."""
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(GPTNeoXForCausalLM(config), lora, adapter_name="first")
+    model.add_adapter("second", lora)
+    quantize_base_linears(model, ours)
+    model.eval()
+    counting = _CountingKernel(ours)
+    step = NeoXStep(cast(PeftModel, model), cast(CpuKernel, counting))
+    ids = torch.randint(0, 64, (3, 7))
+    mask = torch.ones_like(ids)
+    positions = mask.cumsum(-1) - 1
+    with torch.inference_mode():
+        output = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, adapter_names=adapters
+        )
+    hf_cache = output.cache
+    cache = step.cache_from(hf_cache, torch.arange(3), mask, room=STEPS)
+    tokens, next_position = output.logits[:, -1].argmax(-1), positions[:, -1] + 1
+    for _ in range(STEPS):
+        ours_logits = step(tokens, next_position, cache, adapters)
+        mask = torch.cat([mask, mask.new_ones((3, 1))], dim=1)
+        reference = _hf_step(cast(PeftModel, model), tokens, mask, next_position, hf_cache, adapters)
+        assert compare_logits([reference], [ours_logits]).relative_error < 1e-4
+        tokens, next_position = reference.argmax(-1), next_position + 1
+    assert counting.layers == STEPS * config.num_hidden_layers
 
 
 def test_other_architectures_are_refused() -> None:
