@@ -196,13 +196,18 @@ void dot_single_rows(const uint8_t* x, int64_t rows, const int8_t* w, int64_t co
 }
 
 
+// How far ahead a float32 factor is prefetched. A thread reads its rows of a LoRA factor one
+// after another, a single stream, which needs more in flight than the int8 kernel's 16 rows
+// each need: 2 KB ahead streamed LoRA's products about 5 % faster than 256 bytes.
+constexpr int64_t kFloatPrefetch = 2048;
+
 // dot(a, b) over n floats, with each of a's lines prefetched ahead (a is the streamed weight row).
 inline float dot_floats(const float* a, const float* b, int64_t n) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= n; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(a + k) + kPrefetch, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(a + k) + kPrefetch + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + k) + kFloatPrefetch, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + k) + kFloatPrefetch + 64, _MM_HINT_T0);
     acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
     acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
   }
