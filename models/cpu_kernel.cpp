@@ -1,5 +1,6 @@
 // Decoding kernels for CPUs with AVX512-VNNI (see models/cpu_kernel.py): int8 weight products,
-// float32 LoRA products and single-token attention.
+// float32 LoRA products, single-token attention, layer norm and GELU, and whole GPT-NeoX layers
+// built from them.
 //
 // A decode step multiplies a handful of activation rows by every weight matrix once, so its
 // speed is the speed of streaming the int8 weights from memory. oneDNN's int8 linear reached

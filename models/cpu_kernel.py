@@ -6,8 +6,9 @@ on two cores both were slow with stock operators. These functions do the step's 
 - `int8_linear`: the int8 base layers. Over a Polyglot-Ko-sized stack of 97 layers (1.27 GB of
   int8) on the 2-core AVX512-VNNI/AMX Xeon this was written on, interleaved in one process, it
   took 45 ms where a float32 `torch.mv` over the same bytes took 45 ms and oneDNN's int8 linear
-  64-160 ms; `torch._weight_int8pack_mm` and fbgemm were slower still. Prompts (more than a few
-  rows) go to `torch._int_mm`, with `quantize_rows_signed` and `scale_products` around it.
+  64-160 ms; `torch._weight_int8pack_mm` and fbgemm were slower still. Prefetching on into each
+  next block later took it to 49.4 ms where `mv` took 51.8. Prompts (more than 16 rows) go
+  to `torch._int_mm`, with `quantize_rows_signed` and `scale_products` around it.
 - `lora_add`: the float32 LoRA products of a few rows, added into the base layer's output,
   with the adapters streamed at about 80 % of `mv`'s bandwidth (`F.linear` at about 60 %).
 - `attend_one`: rotary embedding, cache update and attention for one new token per row, in one
@@ -18,7 +19,7 @@ on two cores both were slow with stock operators. These functions do the step's 
   45 times a layer (about 5 ms of a Polyglot-Ko step).
 
 Together they took a Polyglot-Ko-shaped step from about 100 ms (HF forward, PEFT, oneDNN) to
-about 55-58 ms (see `models.neox_step`).
+about 47-52 ms (see `models.neox_step`).
 
 It is compiled with the compiler PyTorch's extension builder finds (gcc, with the Python
 headers) and cached per machine by PyTorch (`~/.cache/torch_extensions`, or
