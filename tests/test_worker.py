@@ -42,6 +42,24 @@ async def test_jobs_waiting_together_become_one_generate_call() -> None:
     assert worker.batches_run == 2
 
 
+@pytest.mark.parametrize(("gather_s", "calls"), [(0.5, [["a", "b"]]), (0.0, [["a"], ["b"]])])
+async def test_a_batch_waits_briefly_for_requests_that_arrive_just_after_it(
+    gather_s: float, calls: list[list[str]]
+) -> None:
+    """Turns that start together reach the worker a few milliseconds apart: one batch takes them all."""
+    generator = FakeGenerator()
+    worker = InferenceWorker(generator, FakeEmbedder(), FakeRenderer(), gather_s=gather_s)
+    worker.start()
+    try:
+        first = asyncio.create_task(worker.generate([request("a")]))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(worker.generate([request("b")]))
+        await asyncio.gather(first, second)
+    finally:
+        await worker.stop()
+    assert [[r.prompt for r in call] for call in generator.calls] == calls
+
+
 async def test_a_failing_merged_batch_is_retried_per_job_so_one_bad_turn_spares_the_others() -> None:
     release = threading.Event()
 
@@ -243,9 +261,11 @@ async def test_stop_returns_while_an_abandoned_call_still_hangs() -> None:
     await eventually(lambda: worker.abandoned_threads == 0, "the abandoned thread ended")
 
 
-def test_the_stall_limit_must_be_positive() -> None:
+def test_the_stall_limit_and_the_gathering_window_are_checked() -> None:
     with pytest.raises(ValueError, match="stall_after_s"):
         InferenceWorker(FakeGenerator(), FakeEmbedder(), FakeRenderer(), stall_after_s=0)
+    with pytest.raises(ValueError, match="gather_s"):
+        InferenceWorker(FakeGenerator(), FakeEmbedder(), FakeRenderer(), gather_s=-1)
 
 
 async def test_models_are_served_by_the_thread_that_loaded_them() -> None:
