@@ -131,6 +131,16 @@ class StepCache:
 
 
 @dataclass(frozen=True)
+class Prefilled:
+    """A prompt batch after the HF forward: its cache, which of its rows to decode (a row may
+    repeat, for several samples of one prompt), and its attention mask for those rows."""
+
+    cache: Cache
+    rows: torch.Tensor
+    attends: torch.Tensor
+
+
+@dataclass(frozen=True)
 class _Token:
     """What every layer of one step shares: the rows' adapters, rotary angles and cache column."""
 
@@ -180,24 +190,34 @@ class NeoXStep:
         self._cos = self._sin = torch.empty(0)
 
     @torch.inference_mode()
-    def cache_from(self, prefill: Cache, rows: torch.Tensor, attends: torch.Tensor, room: int) -> StepCache:
-        """Copy a prompt's HF cache, rows picked by `rows`, into buffers with `room` more positions.
+    def cache_from(self, parts: Sequence[Prefilled], room: int) -> StepCache:
+        """Copy prompt batches' HF caches into one set of buffers with `room` more positions.
 
-        `attends` is the prompt's attention mask for the picked rows.
+        Each part's rows are stacked in order and right-aligned: a part narrower than the widest
+        is left-padded, its padding zeroed (attention weighs it by 0, and 0 * NaN would not be 0).
         """
-        width = attends.shape[1]
+        width = max(part.attends.shape[1] for part in parts)
+        rows = sum(len(part.rows) for part in parts)
+        layers = [_filled_layers(part.cache) for part in parts]
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
-        for layer in prefill.layers:
-            if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
-                raise ValueError(f"the prompt's cache is not a filled dynamic cache: {type(layer).__name__}")
-            for source, target in ((layer.keys, keys), (layer.values, values)):
-                picked = source.index_select(0, rows)
-                buffer = picked.new_empty((*picked.shape[:2], width + room, picked.shape[3]))
-                buffer[:, :, :width] = picked
+        for index in range(len(layers[0])):
+            for which, target in ((0, keys), (1, values)):
+                first = layers[0][index][which]
+                buffer = first.new_empty((rows, first.shape[1], width + room, first.shape[3]))
+                start = 0
+                for part, part_layers in zip(parts, layers, strict=True):
+                    picked = part_layers[index][which].index_select(0, part.rows)
+                    pad = width - picked.shape[2]
+                    buffer[start : start + len(picked), :, :pad] = 0
+                    buffer[start : start + len(picked), :, pad:width] = picked
+                    start += len(picked)
                 target.append(buffer)
-        mask = torch.zeros((len(rows), width + room), dtype=torch.bool, device=attends.device)
-        mask[:, :width] = attends.bool()
+        mask = torch.zeros((rows, width + room), dtype=torch.bool, device=parts[0].attends.device)
+        start = 0
+        for part in parts:
+            mask[start : start + len(part.rows), width - part.attends.shape[1] : width] = part.attends.bool()
+            start += len(part.rows)
         return StepCache(keys=keys, values=values, attends=mask, length=width)
 
     @torch.inference_mode()
@@ -379,6 +399,16 @@ def _native_layer(
         for name, lora in projection.adapters.items():
             native.add_adapter(name, which, lora.a, lora.b, lora.scaling)
     return native
+
+
+def _filled_layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of a prompt's cache."""
+    layers = []
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise ValueError(f"the prompt's cache is not a filled dynamic cache: {type(layer).__name__}")
+        layers.append((layer.keys, layer.values))
+    return layers
 
 
 _EVERY_ROW = torch.empty(0, dtype=torch.long)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.prompts import ANSWER_END
 from core.types import Generation, GenerationRequest, Task
-from models import tiny
+from models import llm, tiny
 from models.device import cpu_has_fast_bfloat16, cpu_has_fast_int8, resolve_device, resolve_dtype, resolve_int8
 from models.errors import CheckpointMismatch, ModelFilesMissing
 from models.layout import TASKS, ModelLayout
@@ -44,11 +44,25 @@ def solo(generator: PeftTextGenerator, request: GenerationRequest) -> list[Gener
     return generator.generate([request])[0]
 
 
-def test_a_mixed_batch_gives_each_request_its_solo_result(greedy: PeftTextGenerator) -> None:
-    """Prompts of different lengths for all four adapters: left padding and per-row adapters."""
+@pytest.mark.parametrize(("call_rows", "prefills"), [(10**6, 1), (0, 2)], ids=["one-prefill", "two-prefills"])
+def test_a_mixed_batch_gives_each_request_its_solo_result(
+    greedy: PeftTextGenerator, monkeypatch: pytest.MonkeyPatch, call_rows: int, prefills: int
+) -> None:
+    """Prompts of different lengths for all four adapters: left padding and per-row adapters,
+    prefilled in one batch or in two of different widths that decode together."""
     requests = [greedy_request(task) for task in TASKS]
     alone = [solo(greedy, request) for request in requests]
+    monkeypatch.setattr(llm, "PREFILL_CALL_ROWS", call_rows)
+    calls: list[int] = []
+    prefill = greedy._prefill
+
+    def counted(input_ids: torch.Tensor, *rest: Any) -> Any:
+        calls.append(len(input_ids))
+        return prefill(input_ids, *rest)
+
+    monkeypatch.setattr(greedy, "_prefill", counted)
     assert greedy.generate(requests) == alone
+    assert len(calls) == prefills and sum(calls) == len(requests)
     assert greedy.generate(requests[::-1]) == alone[::-1]
     assert all(samples[0].text.endswith(ANSWER_END) for samples in alone)
 

@@ -21,7 +21,7 @@ from core.types import Task
 from models.cpu_kernel import CpuKernel
 from models.layout import ModelLayout
 from models.llm import load_text_generator
-from models.neox_step import NeoXStep
+from models.neox_step import NeoXStep, Prefilled
 from models.quantize import VnniInt8Linear, compare_logits, quantize_base_linears
 
 PROMPTS = [
@@ -102,7 +102,7 @@ def test_every_step_gives_the_hf_forward_logits(
     counting = None if kernel is None else _CountingKernel(kernel)
     step = NeoXStep(model, cast(CpuKernel | None, counting))
     logits, mask, positions, hf_cache = _prefill(model, tiny_layout, _adapters(one_adapter))
-    cache = step.cache_from(hf_cache, torch.arange(len(PROMPTS)), mask, room=2 * STEPS)
+    cache = step.cache_from([Prefilled(hf_cache, torch.arange(len(PROMPTS)), mask)], room=2 * STEPS)
     tokens, next_position, adapters = logits.argmax(-1), positions[:, -1] + 1, _adapters(one_adapter)
     ours_all, reference_all = [], []
     for number in range(2 * STEPS):
@@ -144,18 +144,28 @@ class _CountingKernel:
 
 
 def test_the_cache_holds_what_it_was_given(tiny_layout: ModelLayout) -> None:
+    """Two prompt batches of different widths: rows stacked in order, the narrower right-aligned."""
     model = load_text_generator(tiny_layout, device="cpu", dtype="float32").model
-    _, mask, _, hf_cache = _prefill(model, tiny_layout, _adapters(False))
+    _, mask, _, wide = _prefill(model, tiny_layout, _adapters(False))
+    narrow_ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        narrow = model(input_ids=narrow_ids, use_cache=True, adapter_names=_adapters(False)[:1]).cache
     rows = torch.tensor([1, 1, 0])
-    cache = NeoXStep(model).cache_from(hf_cache, rows, mask[rows], room=3)
+    parts = [Prefilled(wide, rows, mask[rows]), Prefilled(narrow, torch.tensor([0]), torch.ones(1, 3))]
+    cache = NeoXStep(model).cache_from(parts, room=3)
     width = mask.shape[1]
-    assert (cache.rows, cache.capacity, cache.length) == (3, width + 3, width)
-    first, last = hf_cache.layers[0], hf_cache.layers[-1]
+    assert (cache.rows, cache.capacity, cache.length) == (4, width + 3, width)
+    first, last = wide.layers[0], wide.layers[-1]
     assert isinstance(first, DynamicLayer) and isinstance(last, DynamicLayer)
     assert first.keys is not None and last.values is not None
-    assert torch.equal(cache.keys[0][:, :, :width], first.keys[rows])
-    assert torch.equal(cache.values[-1][:, :, :width], last.values[rows])
-    assert torch.equal(cache.attends[:, :width], mask[rows].bool())
+    assert torch.equal(cache.keys[0][:3, :, :width], first.keys[rows])
+    assert torch.equal(cache.values[-1][:3, :, :width], last.values[rows])
+    assert torch.equal(cache.attends[:3, :width], mask[rows].bool())
+    short = narrow.layers[0]
+    assert isinstance(short, DynamicLayer) and short.keys is not None
+    assert torch.equal(cache.keys[0][3, :, width - 3 : width], short.keys[0])
+    assert not cache.keys[0][3, :, : width - 3].any(), "the padding is zeroed"
+    assert cache.attends[3, width - 3 : width].all() and not cache.attends[3, : width - 3].any()
     assert not cache.attends[:, width:].any()
 
 
@@ -163,7 +173,7 @@ def test_misuse_is_refused(tiny_layout: ModelLayout) -> None:
     model = load_text_generator(tiny_layout, device="cpu", dtype="float32").model
     step = NeoXStep(model)
     _, mask, positions, hf_cache = _prefill(model, tiny_layout, _adapters(False))
-    cache = step.cache_from(hf_cache, torch.arange(3), mask, room=1)
+    cache = step.cache_from([Prefilled(hf_cache, torch.arange(3), mask)], room=1)
     tokens, next_position = torch.zeros(3, dtype=torch.long), positions[:, -1] + 1
     with pytest.raises(ValueError, match="2 adapters"):
         step(tokens, next_position, cache, _adapters(False)[:2])
@@ -200,7 +210,7 @@ def test_adapters_on_every_projection(ours: CpuKernel, adapters: list[str]) -> N
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, adapter_names=adapters
         )
     hf_cache = output.cache
-    cache = step.cache_from(hf_cache, torch.arange(3), mask, room=STEPS)
+    cache = step.cache_from([Prefilled(hf_cache, torch.arange(3), mask)], room=STEPS)
     tokens, next_position = output.logits[:, -1].argmax(-1), positions[:, -1] + 1
     for _ in range(STEPS):
         ours_logits = step(tokens, next_position, cache, adapters)
