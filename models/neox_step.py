@@ -160,7 +160,8 @@ class NeoXStep:
     Not thread-safe, like the model it reads. The model must be in eval mode; its base linears
     may be `nn.Linear` or the int8 layers of `models.quantize`. `kernel` (`models.cpu_kernel`)
     does the float32 LoRA products and the attention block between the two projections on the
-    CPU; without it they run as the HF forward's operators.
+    CPU, and over our int8 layers the whole stack of layers in one call per step; without it
+    they run as the HF forward's operators.
     """
 
     def __init__(self, model: PeftModel, kernel: CpuKernel | None = None) -> None:
