@@ -80,32 +80,29 @@ inline void store_tail(scalar_t* p, __m512 v, int64_t count) {
 }
 
 
-// Each row's largest magnitude maps to 127; the values are rounded to nearest even (as
-// `nearbyint` rounds) and shifted to unsigned bytes, 16 at a time.
-template <typename scalar_t>
-void quantize_rows(const scalar_t* x, int64_t rows, int64_t cols, uint8_t* out, float* scales) {
+// One row quantised: its largest magnitude maps to 127, the values are rounded to nearest even
+// (as `nearbyint` rounds) and `shift` is added: 128 for the unsigned bytes VPDPBUSD takes, 0 for
+// the signed ones `_int_mm` takes. 16 values at a time; returns the row's scale.
+template <int32_t shift, typename scalar_t, typename out_t>
+float quantize_row(const scalar_t* row, int64_t cols, out_t* out) {
   const int64_t whole = cols - cols % 16;
-  for (int64_t m = 0; m < rows; ++m) {
-    const scalar_t* row = x + m * cols;
-    __m512 largest = _mm512_setzero_ps();
-    for (int64_t k = 0; k < whole; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(load16(row + k)));
-    if (whole < cols) largest = _mm512_max_ps(largest, _mm512_abs_ps(load_tail(row + whole, cols - whole)));
-    const float top = _mm512_reduce_max_ps(largest);
-    const float scale = top > 0.f ? top / 127.f : 1.f;
-    const __m512 inverse = _mm512_set1_ps(1.f / scale);
-    const auto quantize = [&](__m512 values) {
-      return _mm512_cvtepi32_epi8(
-          _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(values, inverse)), _mm512_set1_epi32(kShift)));
-    };
-    for (int64_t k = 0; k < whole; k += 16)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + m * cols + k), quantize(load16(row + k)));
-    if (whole < cols) {
-      alignas(16) uint8_t tail[16];
-      _mm_store_si128(reinterpret_cast<__m128i*>(tail), quantize(load_tail(row + whole, cols - whole)));
-      std::copy(tail, tail + (cols - whole), out + m * cols + whole);
-    }
-    scales[m] = scale;
+  __m512 largest = _mm512_setzero_ps();
+  for (int64_t k = 0; k < whole; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(load16(row + k)));
+  if (whole < cols) largest = _mm512_max_ps(largest, _mm512_abs_ps(load_tail(row + whole, cols - whole)));
+  const float top = _mm512_reduce_max_ps(largest);
+  const float scale = top > 0.f ? top / 127.f : 1.f;
+  const __m512 inverse = _mm512_set1_ps(1.f / scale);
+  const auto quantize = [&](__m512 values) {
+    return _mm512_cvtepi32_epi8(
+        _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(values, inverse)), _mm512_set1_epi32(shift)));
+  };
+  for (int64_t k = 0; k < whole; k += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), quantize(load16(row + k)));
+  if (whole < cols) {
+    alignas(16) out_t tail[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tail), quantize(load_tail(row + whole, cols - whole)));
+    std::copy(tail, tail + (cols - whole), out + whole);
   }
+  return scale;
 }
 
 // How far ahead, in bytes, each weight row is prefetched. The hardware prefetchers alone left a
@@ -307,8 +304,9 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   auto output = torch::empty({rows, out_features}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, x.scalar_type(), "int8_linear", [&] {
-    quantize_rows(rows_in.data_ptr<scalar_t>(), rows, in_features, quantized.data_ptr<uint8_t>(),
-                  row_scales.data_ptr<float>());
+    for (int64_t m = 0; m < rows; ++m)
+      row_scales.data_ptr<float>()[m] = quantize_row<kShift>(rows_in.data_ptr<scalar_t>() + m * in_features,
+                                                             in_features, quantized.data_ptr<uint8_t>() + m * in_features);
     const uint8_t* xq = quantized.data_ptr<uint8_t>();
     const float* x_scale = row_scales.data_ptr<float>();
     const int8_t* w = weight.data_ptr<int8_t>();
@@ -370,16 +368,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows_signed(const torch::Tenso
     int8_t* out = quantized.data_ptr<int8_t>();
     float* scale = scales.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
-      for (int64_t m = first; m < last; ++m) {
-        const scalar_t* row = in + m * cols;
-        float largest = 0.f;
-        for (int64_t k = 0; k < cols; ++k) largest = std::max(largest, std::fabs(static_cast<float>(row[k])));
-        scale[m] = largest > 0.f ? largest / 127.f : 1.f;
-        const float inverse = 1.f / scale[m];
-        for (int64_t k = 0; k < cols; ++k) {
-          out[m * cols + k] = static_cast<int8_t>(std::nearbyint(static_cast<float>(row[k]) * inverse));
-        }
-      }
+      for (int64_t m = first; m < last; ++m) scale[m] = quantize_row<0>(in + m * cols, cols, out + m * cols);
     });
   });
   return {quantized, scales};
