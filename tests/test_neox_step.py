@@ -30,6 +30,11 @@ PROMPTS = [
     (Task.SUMMARY, "심심해 (오로라 답변) 그럼 나랑 수다 떨자!  (답변 시작)"),
 ]
 STEPS = 6
+INT8_TOLERANCE = 2e-3
+"""Float32 paths agree to 1e-4, but an int8 layer quantises its input: where our layer norm or GELU
+differs from ATen's by an ulp, a value on a rounding edge lands one int8 level away, and that row's
+logits move by ~1e-2 (seen on an AMD EPYC: 2.1e-4 over 18 rows, against 0 on a Xeon). A wrong
+kernel is off by far more than this."""
 
 
 @pytest.fixture(params=["torch", "ours"])
@@ -88,7 +93,7 @@ def _hf_step(
 
 @pytest.mark.parametrize(
     ("dtype", "int8", "tolerance"),
-    [("float32", False, 1e-4), ("bfloat16", False, 3e-2), ("float32", True, 1e-4), ("bfloat16", True, 3e-2)],
+    [("float32", False, 1e-4), ("bfloat16", False, 3e-2), ("float32", True, INT8_TOLERANCE), ("bfloat16", True, 3e-2)],
     ids=["float32", "bfloat16", "int8", "int8-bfloat16"],
 )
 @pytest.mark.parametrize("one_adapter", [False, True], ids=["mixed", "one-adapter"])
