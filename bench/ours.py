@@ -32,8 +32,8 @@ from bench.workload import (
     user_messages,
 )
 from core.engine import Engine, EngineOptions
-from core.memory import InMemoryStore, NewMemory, TurnRecord
 from core.prompts import parse_memory_line
+from core.store import InMemoryStore, NewMemory, TurnRecord
 from core.types import (
     IDLE_SCORES,
     ExpressionScores,

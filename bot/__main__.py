@@ -18,7 +18,7 @@ from typing import Any
 
 from core.config import LlmBackend, ModelProfile, Settings
 from core.engine import Engine, EngineOptions
-from core.memory import SqliteStore
+from core.store import SqliteStore
 from core.types import Models
 from core.worker import InferenceWorker
 

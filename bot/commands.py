@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from core.engine import Engine
 from core.keyed_lock import KeyedLocks
-from core.memory import Store, normalize
+from core.store import Store, normalize
 from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind
 
 BLOCKED_TEXT = "미안, 지금은 너랑 이야기할 수 없어. 🙏"

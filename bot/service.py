@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from bot.commands import Commands
 from core.config import Settings
 from core.engine import Engine
-from core.memory import Store
+from core.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any, Generic, TypeVar
 from core import prompts
 from core.expression import scores_for
 from core.keyed_lock import KeyedLocks
-from core.memory import NewMemory, Store, TurnRecord
 from core.ratelimit import RateLimiter
 from core.retrieval import best_memory
 from core.safety import NOTICES, validate_user_text
+from core.store import NewMemory, Store, TurnRecord
 from core.types import (
     IDLE_SCORES,
     Expression,

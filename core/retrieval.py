@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.memory import normalize
+from core.store import normalize
 
 MIN_LINE_CHARS = 3
 """Upstream skipped lines shorter than 3 characters without spaces, counting the newline."""

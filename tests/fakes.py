@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from core.engine import Engine, EngineOptions
-from core.memory import InMemoryStore, Store
+from core.store import InMemoryStore, Store
 from core.types import FaceRequest, Generation, GenerationRequest, RenderedFace, Task
 from core.worker import InferenceWorker
 

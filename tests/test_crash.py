@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from core.memory import SqliteStore
+from core.store import SqliteStore
 from tests import fake_telegram_api
 from tests.conftest import REPO_ROOT
 from tests.fake_telegram_api import FakeBotApi, user
@@ -46,7 +46,7 @@ SERVICE_PROCESS = f"""
 import asyncio, os, re, sys
 from bot.service import serve
 from core.config import Settings
-from core.memory import SqliteStore
+from core.store import SqliteStore
 from core.types import Task
 from tests.fakes import END, FakeGenerator, make_harness
 

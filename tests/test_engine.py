@@ -11,7 +11,7 @@ import pytest
 
 from core import prompts
 from core.engine import BUSY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, EngineOptions
-from core.memory import InMemoryStore
+from core.store import InMemoryStore
 from core.types import IDLE_SCORES, Expression, GenerationRequest, IncomingMessage, ReplyKind, Task
 from tests.fakes import END, FakeGenerator, FakeRenderer, Harness, make_harness
 
@@ -286,7 +286,7 @@ async def test_set_face_rejects_unknown_numbers(harness: Harness) -> None:
 
 def _seed_summary(conversation_key: str) -> tuple:
     """A stored summary, so a test can see a failed summary reset it (SPEC E.3.3)."""
-    from core.memory import TurnRecord
+    from core.store import TurnRecord
 
     record = TurnRecord(
         platform="telegram",

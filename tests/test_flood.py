@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from bot.service import serve
 from core.config import Settings
 from core.engine import BUSY_TEXT, EngineOptions
-from core.memory import SqliteStore
+from core.store import SqliteStore
 from core.types import GenerationRequest, IncomingMessage, ReplyKind, Task
 from tests import fake_telegram_api
 from tests.fake_telegram_api import ApiCall, FakeBotApi, user

@@ -26,9 +26,9 @@ from bot.commands import Commands
 from bot.console import ConsoleOptions, PromptEcho, run_console
 from core import prompts
 from core.engine import Engine
-from core.memory import InMemoryStore
 from core.prompts import CONTROL_MARKERS
 from core.safety import InputProblem, contains_control_marker, validate_user_text
+from core.store import InMemoryStore
 from core.types import Task
 from core.worker import InferenceWorker
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeRenderer

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from core.engine import EngineOptions
-from core.memory import InMemoryStore, NewMemory, SqliteStore, Store, StoredMemory, TurnRecord
+from core.store import InMemoryStore, NewMemory, SqliteStore, Store, StoredMemory, TurnRecord
 from core.types import IDLE_SCORES, ExpressionScores, GenerationRequest, IncomingMessage, Reply, ReplyKind, Task
 from tests.fakes import END, FakeEmbedder, FakeGenerator, Harness, make_harness
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.memory import (
+from core.store import (
     SCHEMA_VERSION,
     InMemoryStore,
     NewMemory,

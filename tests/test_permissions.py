@@ -35,7 +35,7 @@ from bot.discord_bot import DiscordAdapter
 from bot.telegram_bot import ADMIN_COMMANDS, PUBLIC_COMMANDS, TelegramAdapter
 from core.config import Settings
 from core.engine import Engine
-from core.memory import NewMemory, SqliteStore, TurnRecord
+from core.store import NewMemory, SqliteStore, TurnRecord
 from core.types import ExpressionScores
 from tests import fake_telegram_api
 from tests.discord_harness import FakeInteraction, invoke

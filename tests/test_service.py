@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from bot.commands import Commands
 from bot.service import MissingTokens, serve
 from core.config import Settings
-from core.memory import SqliteStore
+from core.store import SqliteStore
 from tests.conftest import REPO_ROOT
 from tests.fake_telegram_api import FakeBotApi, user
 from tests.fakes import FakeGenerator, Harness, make_harness
@@ -217,7 +217,7 @@ SERVICE_PROCESS = """
 import asyncio, sys
 from bot.service import serve
 from core.config import Settings
-from core.memory import SqliteStore
+from core.store import SqliteStore
 from tests.fakes import make_harness
 
 async def main() -> int:

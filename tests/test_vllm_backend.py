@@ -25,8 +25,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from core.engine import Engine, EngineOptions
-from core.memory import InMemoryStore
 from core.prompts import TASK_SETTINGS, build_request
+from core.store import InMemoryStore
 from core.types import GenerationRequest, IncomingMessage, ReplyKind, Task, TextGenerator
 from core.worker import InferenceWorker
 from models.errors import ModelFilesMissing

@@ -1,0 +1,136 @@
+"""What the store holds and hands out, and the rules every implementation applies alike.
+
+The original kept one global memory text file for its single user (SPEC E.6). Here every row is
+keyed by the user (`platform:user_id`) or the conversation (`platform:chat_id:user_id`), so one
+user's memories and summary can never leak into another's prompt, even in a shared group chat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core.types import Expression, ExpressionScores
+
+TOTAL_TIMING = "total"
+"""The `timings` entry holding a turn's wall time; without it the stages' sum stands in."""
+
+
+class StoreError(Exception):
+    """The store cannot be used as asked."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer version of this program; opening it could corrupt it."""
+
+
+@dataclass(frozen=True)
+class NewMemory:
+    """A memory the memory model produced this turn, with its S-BERT embedding."""
+
+    key: str
+    value: str
+    text: str
+    """The line as the model wrote it, e.g. "[오늘 날씨: 비]"; retrieval compares it."""
+    embedding: np.ndarray = field(compare=False)
+
+
+@dataclass(frozen=True)
+class StoredMemory:
+    """A user's memory as stored; `embedding` is a read-only float32 vector."""
+
+    key: str
+    value: str
+    text: str
+    embedding: np.ndarray = field(compare=False)
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """Everything one answered (or failed) turn leaves behind.
+
+    `summary` None leaves the conversation's stored summary as it is; "" resets it, as a failed
+    summary does upstream (SPEC E.3.3). `scores` None leaves the user's last expression as it is.
+    """
+
+    platform: str
+    user_key: str
+    conversation_key: str
+    prompt: str
+    final_input: str
+    answer: str
+    status: str
+    used_memory: str | None
+    expression: Expression | None
+    scores: ExpressionScores | None
+    summary: str | None
+    timings: Mapping[str, float]
+    created_at: float
+
+    @property
+    def total_s(self) -> float:
+        return total_seconds(self.timings)
+
+
+@dataclass(frozen=True)
+class TurnRow:
+    """One line of the turn log, as admins read it."""
+
+    id: int
+    created_at: float
+    platform: str
+    user_key: str
+    conversation_key: str
+    prompt: str
+    final_input: str
+    answer: str
+    status: str
+    used_memory: str | None
+    expression: Expression | None
+    timings: Mapping[str, float]
+    total_s: float
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    turns_total: int
+    users_total: int
+    """Users with at least one logged turn."""
+    memories_total: int
+    recent_latencies_s: tuple[float, ...]
+    """Total seconds of the most recent turns, oldest first."""
+
+
+def normalize(text: str) -> str:
+    """All whitespace removed: upstream compared memories "once all spaces are removed"."""
+    return "".join(text.split())
+
+
+def total_seconds(timings: Mapping[str, float]) -> float:
+    if TOTAL_TIMING in timings:
+        return float(timings[TOTAL_TIMING])
+    return float(sum(timings.values()))
+
+
+def as_embedding(vector: np.ndarray) -> np.ndarray:
+    """A private, read-only float32 copy, so a caller's later writes cannot change a memory."""
+    array = np.array(vector, dtype=np.float32)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"an embedding must be one non-empty vector, got shape {array.shape}")
+    array.flags.writeable = False
+    return array
+
+
+BLOCKED_SCOPE = "blocked"
+"""Settings scope whose keys are blocked user keys."""
+
+FACE_KEY = "face"
+
+
+def allowed_channels_scope(platform: str) -> str:
+    """Settings scope whose keys are the channel ids where the bot answers on `platform`."""
+    return f"allowed_channels:{platform}"
