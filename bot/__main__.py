@@ -18,7 +18,7 @@ from typing import Any
 
 from core.config import LlmBackend, ModelProfile, Settings
 from core.engine import Engine, EngineOptions
-from core.store import SqliteStore
+from core.store import SqliteStore, StoreUnavailable
 from core.types import Models
 from core.worker import InferenceWorker
 
@@ -26,6 +26,7 @@ logger = logging.getLogger("ohlora")
 
 EXIT_MISSING_MODELS = 2
 EXIT_LOGIN_FAILED = 3
+EXIT_DATABASE_UNUSABLE = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,8 +142,26 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "discord.gateway", "telegram.ext"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # python-telegram-bot logs request URLs, which carry the token, at DEBUG.
-    logging.getLogger("telegram").setLevel(max(logging.INFO, logging.getLogger().level))
+    # python-telegram-bot logs request URLs, which carry the token, at DEBUG; aiosqlite logs every
+    # statement with its parameters (what users wrote) at DEBUG.
+    for secretive in ("telegram", "aiosqlite"):
+        logging.getLogger(secretive).setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def _database_unusable(settings: Settings) -> bool:
+    """Open the database once before the models load (minutes for the real ones), so that a path
+    that cannot hold it is reported at once, plainly, with its own exit code."""
+
+    async def probe() -> None:
+        store = await SqliteStore.open(settings.db_path)
+        await store.close()
+
+    try:
+        asyncio.run(probe())
+    except StoreUnavailable as error:
+        print(error, file=sys.stderr)
+        return True
+    return False
 
 
 def _engine_options(settings: Settings) -> EngineOptions:
@@ -210,6 +229,8 @@ def _chat(args: argparse.Namespace) -> int:
         tiny = settings.model_profile is ModelProfile.TINY
         first_time = " (the first run builds the tiny models and the int8 kernel, 1-2 minutes)" if tiny else ""
         print(f"오로라를 깨우는 중… loading models{first_time}", file=sys.stderr)
+    if _database_unusable(settings):
+        return EXIT_DATABASE_UNUSABLE
     try:
         worker = _load_worker(settings, seed=args.seed, show_prompts=args.show_prompts)
     except ModelFilesMissing as error:
@@ -221,10 +242,12 @@ def _chat(args: argparse.Namespace) -> int:
         worker.start()
         try:
             rng = random.Random(args.seed) if args.seed is not None else None
-            engine = Engine(worker, store, _engine_options(settings), rng=rng)
+            # One person at a terminal, often a pipe of lines: nothing to rate-limit.
+            options = dataclasses.replace(_engine_options(settings), rate_limit_per_minute=0)
+            engine = Engine(worker, store, options, rng=rng)
             commands = Commands(engine, store, admin_ids=settings.admin_ids, model_profile=settings.model_profile.value)
-            options = ConsoleOptions(user=args.user, save_faces=args.save_faces, verbose=args.verbose)
-            return await run_console(commands, options)
+            console = ConsoleOptions(user=args.user, save_faces=args.save_faces, verbose=args.verbose)
+            return await run_console(commands, console)
         finally:
             await worker.stop()
             await store.close()
@@ -236,6 +259,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _bot(args: argparse.Namespace) -> int:
+    from bot.alerts import AdminAlerts
     from bot.errors import BotLoginFailed
     from bot.service import MissingTokens, serve
     from models.errors import ModelFilesMissing
@@ -245,6 +269,8 @@ def _bot(args: argparse.Namespace) -> int:
     if settings.discord_token is None and settings.telegram_token is None:
         print(MissingTokens.MESSAGE, file=sys.stderr)
         return 1
+    if _database_unusable(settings):
+        return EXIT_DATABASE_UNUSABLE
     try:
         worker = _load_worker(settings)
     except ModelFilesMissing as error:
@@ -255,8 +281,9 @@ def _bot(args: argparse.Namespace) -> int:
         store = await SqliteStore.open(settings.db_path)
         worker.start()
         try:
-            engine = Engine(worker, store, _engine_options(settings))
-            await serve(engine, store, settings)
+            alerts = AdminAlerts()
+            engine = Engine(worker, store, _engine_options(settings), alarm=alerts)
+            await serve(engine, store, settings, alerts=alerts)
             return 0
         except BotLoginFailed as error:
             print(error, file=sys.stderr)

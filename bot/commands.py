@@ -1,27 +1,34 @@
 """What Discord, Telegram and the console share: chat gating and every user and admin command.
 
 Adapters translate platform events into a `Caller` plus arguments and send the `CommandResult`
-back; they never decide who may do what. Every admin command checks `Caller.is_admin` here, in
-one place, and a refused command changes nothing.
+back; they never decide who may do what. Two kinds of power are checked here, in one place, and a
+refused command changes nothing:
+
+- bot-wide (anyone's memories, blocks, the service's stats) belongs to `OHLORA_ADMIN_IDS` alone;
+- a chat's own settings (where she answers, its face) also to that chat's platform admins
+  (Discord's Manage Server in that server), who have no say over users' data elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from core.engine import Engine
-from core.keyed_lock import KeyedLocks
+from core.engine import Engine, Refused, Working
 from core.store import Store, normalize
-from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind
+from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind, conversation_key, user_key
 
 BLOCKED_TEXT = "미안, 지금은 너랑 이야기할 수 없어. 🙏"
 NOT_ADMIN_TEXT = "이건 관리자만 쓸 수 있는 명령이에요. 🔒"
 NO_MEMORIES_TEXT = "아직 기억하고 있는 게 없어! 나한테 너에 대해 알려 줄래? 😊"
 PRIVATE_ONLY_TEXT = "기억은 둘만 있을 때 보여 줄게 🤫 나한테 개인 메시지로 다시 보내 줘!"
 """Where everyone in a group would read the answer, memories are never listed."""
+TEXT_ONLY_TEXT = "아직은 글만 읽을 수 있어 📝 하고 싶은 말을 글로 보내 줄래?"
+"""For a message addressed to her that carries only a picture, a sticker or a file."""
+NOT_NOW_TEXT = "지금은 할 수 없어. 조금 뒤에 다시 해 줘. 🙏"
+"""Where a command must be answered (a Discord interaction) but the user was already told why not."""
 BLOCK_NOTIFIED = "block_notified"
 
 HELP_TEXT = """안녕! 나는 오로라야 👱‍♀️ 편하게 말 걸어 줘.
@@ -35,7 +42,11 @@ HELP_TEXT = """안녕! 나는 오로라야 👱‍♀️ 편하게 말 걸어 �
 
 @dataclass(frozen=True)
 class Caller:
-    """Who issued a command, where. `platform_admin` is the platform's own say (Manage Server)."""
+    """Who issued a command, where.
+
+    `platform_admin` is the platform's own say over this chat (Manage Server in this Discord
+    server): it covers the chat's settings, never users' data.
+    """
 
     platform: str
     user_id: str
@@ -48,7 +59,7 @@ class Caller:
 
     @property
     def conversation_key(self) -> str:
-        return f"{self.platform}:{self.chat_id}:{self.user_id}"
+        return conversation_key(self.platform, self.chat_id, self.user_id)
 
 
 @dataclass(frozen=True)
@@ -86,10 +97,6 @@ class Stats:
         )
 
 
-def user_key(platform: str, user_id: str) -> str:
-    return f"{platform}:{user_id}"
-
-
 def percentile(values: Sequence[float], fraction: float) -> float | None:
     """Nearest-rank percentile; None for no data."""
     if not values:
@@ -97,6 +104,13 @@ def percentile(values: Sequence[float], fraction: float) -> float | None:
     ordered = sorted(values)
     rank = max(1, round(fraction * len(ordered) + 0.5 - 1e-9))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass
+class _Blocks:
+    users: set[str]
+    notified: set[str]
+    """Blocked users already told once; they hear nothing more."""
 
 
 class Commands:
@@ -114,44 +128,60 @@ class Commands:
         self._admin_ids = admin_ids
         self._model_profile = model_profile
         self._clock = clock
-        self._order = KeyedLocks()
+        self._blocks: _Blocks | None = None
+        self._loading_blocks = asyncio.Lock()
 
-    def in_order(self, user_key: str) -> AbstractAsyncContextManager[None]:
-        """Hold a user's place from the moment their message arrives until the reply is sent.
+    def is_bot_admin(self, caller: Caller) -> bool:
+        """Bot-wide powers: anyone's memories, blocks, the service's stats."""
+        return caller.user_key in self._admin_ids
 
-        Adapters enter this before their first await (typing indicators, store reads), so a
-        user's messages are answered in the order they were sent even when the platform hands
-        updates over concurrently.
+    def may_manage_chat(self, caller: Caller) -> bool:
+        """A chat's own settings: where she answers, which face she wears there."""
+        return caller.platform_admin or self.is_bot_admin(caller)
+
+    async def chat(self, message: IncomingMessage, working: Working | None = None) -> Reply | None:
+        """A turn, unless the user may not have one now; None means stay silent.
+
+        Blocks and rate limits are decided before the message waits for anything: a blocked user
+        gets one short notice and silence after it, a flood one notice per window. `working`
+        (the platform's "typing…") is only shown for the turn itself.
         """
-        return self._order.hold(user_key)
+        refusal = await self._turned_away(message.user_key, metered=True)
+        if refusal is not None:
+            return refusal.notice
+        return await self._engine.reply(message, working)
 
-    def is_admin(self, caller: Caller) -> bool:
-        return caller.platform_admin or caller.user_key in self._admin_ids
+    async def _turned_away(self, key: str, *, metered: bool) -> Refused | None:
+        """Why `key` gets no answer now: blocked, or (for what uses a model) over the rate limit."""
+        blocks = await self._blocked()
+        if key in blocks.users:
+            if key in blocks.notified:
+                return Refused(notice=None)
+            blocks.notified.add(key)
+            await self._store.set_setting(key, BLOCK_NOTIFIED, "1")
+            return Refused(notice=Reply(text=BLOCKED_TEXT, kind=ReplyKind.NOTICE))
+        return self._engine.admit(key) if metered else None
 
-    async def chat(
-        self, message: IncomingMessage, working: Callable[[], AbstractAsyncContextManager[object]] | None = None
-    ) -> Reply | None:
-        """A turn, unless the user is blocked: then one short notice, and silence after it.
+    async def _blocked(self) -> _Blocks:
+        """Blocks, read from the store once and kept here, so that checking one costs no wait."""
+        if self._blocks is None:
+            async with self._loading_blocks:
+                if self._blocks is None:
+                    users = set(await self._store.blocked_users())
+                    notified = {key for key in users if await self._store.get_setting(key, BLOCK_NOTIFIED)}
+                    self._blocks = _Blocks(users, notified)
+        return self._blocks
 
-        `working` (the platform's "typing…" indicator) is entered around the turn itself, so a
-        blocked user never sees Oh-LoRA start to type.
-        """
-        if await self._store.is_blocked(message.user_key):
-            if await self._store.get_setting(message.user_key, BLOCK_NOTIFIED):
-                return None
-            await self._store.set_setting(message.user_key, BLOCK_NOTIFIED, "1")
-            return Reply(text=BLOCKED_TEXT, kind=ReplyKind.NOTICE)
-        if working is None:
-            return await self._engine.reply(message)
-        async with working():
-            return await self._engine.reply(message)
-
-    # Everyone's commands: they only ever touch the caller's own data.
+    # Everyone's commands: they only ever touch the caller's own data. A blocked user's get the
+    # block notice (once) instead, except `/forget`: a user may always delete what they left.
 
     def help(self) -> CommandResult:
         return CommandResult(HELP_TEXT)
 
-    async def memory(self, caller: Caller) -> CommandResult:
+    async def memory(self, caller: Caller) -> CommandResult | None:
+        refusal = await self._turned_away(caller.user_key, metered=False)
+        if refusal is not None:
+            return _result_of(refusal)
         return await self._list_memories(caller.user_key, NO_MEMORIES_TEXT)
 
     async def forget_preview(self, caller: Caller, key: str | None) -> CommandResult:
@@ -169,12 +199,23 @@ class Commands:
             return CommandResult(_no_such_memory(key), ok=False)
         return CommandResult(f"기억 {deleted}개를 지웠어. 🧹")
 
-    async def reset(self, caller: Caller) -> CommandResult:
+    async def reset(self, caller: Caller) -> CommandResult | None:
+        refusal = await self._turned_away(caller.user_key, metered=False)
+        if refusal is not None:
+            return _result_of(refusal)
         await self._store.clear_summaries(caller.user_key, caller.conversation_key)
         return CommandResult("지금까지의 대화 요약을 지웠어. 처음부터 다시 이야기하자! ✨")
 
-    async def face(self, caller: Caller) -> CommandResult:
-        image = await self._engine.render_current_face(caller.platform, caller.chat_id, caller.user_key)
+    async def face(self, caller: Caller, working: Working | None = None) -> CommandResult | None:
+        """Her face as the caller last saw it: a render, so metered like a message."""
+        refusal = await self._turned_away(caller.user_key, metered=True)
+        if refusal is not None:
+            return _result_of(refusal)
+        if working is None:
+            image = await self._engine.render_current_face(caller.platform, caller.chat_id, caller.user_key)
+        else:
+            async with working():
+                image = await self._engine.render_current_face(caller.platform, caller.chat_id, caller.user_key)
         return CommandResult(f"오로라 얼굴 #{image.face} 👱‍♀️", image=image)
 
     def faces(self) -> Sequence[int]:
@@ -188,17 +229,21 @@ class Commands:
         """Whether an admin let Oh-LoRA answer every message in this group channel."""
         return await self._store.is_channel_allowed(platform, channel_id)
 
-    # Admin commands: refused, with nothing changed, unless the caller is an admin.
+    async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        """The platform gave a chat a new id (a Telegram group became a supergroup)."""
+        await self._engine.move_chat(platform, old_chat_id, new_chat_id)
+
+    # A chat's settings: its platform admins and the bot's admins.
 
     async def allow_channel(self, caller: Caller, channel_id: str, allowed: bool) -> CommandResult:
-        if not self.is_admin(caller):
+        if not self.may_manage_chat(caller):
             return _refused()
         await self._store.set_channel_allowed(caller.platform, channel_id, allowed)
         verb = "이제 이 채널에서는 멘션 없이도 대답할게요." if allowed else "이 채널에서는 멘션될 때만 대답할게요."
         return CommandResult(verb)
 
     async def set_face(self, caller: Caller, face: int | None) -> CommandResult:
-        if not self.is_admin(caller):
+        if not self.may_manage_chat(caller):
             return _refused()
         try:
             await self._engine.set_face(caller.platform, caller.chat_id, face)
@@ -206,29 +251,36 @@ class Commands:
             return CommandResult(str(error), ok=False)
         return CommandResult("기본 얼굴로 돌아갔어요." if face is None else f"이 대화의 얼굴을 #{face}(으)로 정했어요.")
 
+    # Bot-wide powers: OHLORA_ADMIN_IDS only.
+
     async def memory_of(self, caller: Caller, target_key: str) -> CommandResult:
-        if not self.is_admin(caller):
+        if not self.is_bot_admin(caller):
             return _refused()
         return await self._list_memories(target_key, f"{target_key}: 저장된 기억이 없어요.")
 
     async def clear_memory_of(self, caller: Caller, target_key: str) -> CommandResult:
-        if not self.is_admin(caller):
+        if not self.is_bot_admin(caller):
             return _refused()
         deleted = await self._store.delete_memories(target_key)
         return CommandResult(f"{target_key}: 기억 {deleted}개를 지웠어요.")
 
     async def block(self, caller: Caller, target_key: str, blocked: bool) -> CommandResult:
-        if not self.is_admin(caller):
+        if not self.is_bot_admin(caller):
             return _refused()
         if target_key == caller.user_key and blocked:
             return CommandResult("자기 자신은 차단할 수 없어요.", ok=False)
+        blocks = await self._blocked()
         await self._store.set_blocked(target_key, blocked)
-        if not blocked:
+        if blocked:
+            blocks.users.add(target_key)
+        else:
             await self._store.delete_setting(target_key, BLOCK_NOTIFIED)
+            blocks.users.discard(target_key)
+            blocks.notified.discard(target_key)
         return CommandResult(f"{target_key}: {'차단했어요' if blocked else '차단을 풀었어요'}.")
 
     async def stats(self, caller: Caller) -> CommandResult:
-        if not self.is_admin(caller):
+        if not self.is_bot_admin(caller):
             return _refused()
         return CommandResult((await self.collect_stats()).describe())
 
@@ -252,6 +304,10 @@ class Commands:
             return CommandResult(empty_text)
         lines = "\n".join(f"{index}. {m.text}" for index, m in enumerate(memories, start=1))
         return CommandResult(f"기억하고 있는 것들:\n{lines}")
+
+
+def _result_of(refusal: Refused) -> CommandResult | None:
+    return None if refusal.notice is None else CommandResult(refusal.notice.text, ok=False)
 
 
 def _no_such_memory(key: str | None) -> str:

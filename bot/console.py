@@ -95,8 +95,9 @@ async def run_console(
             return 0
         if text.startswith("/"):
             result = await _command(commands, Caller(PLATFORM, options.user, PLATFORM), text)
-            stdout.write(f"{result.text}\n")
-            stdout.flush()
+            if result is not None:
+                stdout.write(f"{result.text}\n")
+                stdout.flush()
             continue
         message = IncomingMessage(platform=PLATFORM, user_id=options.user, chat_id=PLATFORM, text=text)
         reply = await commands.chat(message)
@@ -112,7 +113,7 @@ async def run_console(
             _describe(reply, stderr)
 
 
-async def _command(commands: Commands, caller: Caller, line: str) -> CommandResult:
+async def _command(commands: Commands, caller: Caller, line: str) -> CommandResult | None:
     """A console command: the bots' own user commands, with `/forget all` for "forget everything"."""
     name, _, argument = line.strip().partition(" ")
     argument = argument.strip()

@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
+from bot.alerts import AdminAlerts
 from bot.commands import Commands
+from bot.inbox import Inbox, InboxPolicy
 from core.config import Settings
 from core.engine import Engine
 from core.store import Store
@@ -56,12 +58,16 @@ async def serve(
     store: Store,
     settings: Settings,
     *,
+    alerts: AdminAlerts | None = None,
     stop: asyncio.Event | None = None,
     shutdown_grace_s: float = 5.0,
 ) -> None:
-    """Run every adapter whose token is set until SIGINT, SIGTERM or `stop`, then shut down cleanly."""
+    """Run every adapter whose token is set until SIGINT, SIGTERM or `stop`, then shut down cleanly.
+
+    `alerts` is the engine's alarm: each adapter adds a way to reach the admins on its platform.
+    """
     commands = Commands(engine, store, admin_ids=settings.admin_ids, model_profile=settings.model_profile.value)
-    adapters = _adapters(commands, settings, shutdown_grace_s)
+    adapters = _adapters(commands, store, settings, alerts or AdminAlerts(), shutdown_grace_s)
     stop = stop or asyncio.Event()
     started: list[Adapter] = []
     with _stop_on_signals(stop):
@@ -76,13 +82,24 @@ async def serve(
             await _close_all(started)
 
 
-def _adapters(commands: Commands, settings: Settings, shutdown_grace_s: float) -> list[Adapter]:
+def _adapters(
+    commands: Commands, store: Store, settings: Settings, alerts: AdminAlerts, shutdown_grace_s: float
+) -> list[Adapter]:
     """Imported here, so that a deployment with one platform never loads the other's library."""
     adapters: list[Adapter] = []
+    policy = InboxPolicy(replay_within_s=settings.replay_within_s)
     if settings.telegram_token is not None:
         from bot.telegram_bot import TelegramAdapter
 
-        adapters.append(TelegramAdapter(commands, settings, shutdown_grace_s=shutdown_grace_s))
+        adapters.append(
+            TelegramAdapter(
+                commands,
+                settings,
+                inbox=Inbox(store, "telegram", policy),
+                alerts=alerts,
+                shutdown_grace_s=shutdown_grace_s,
+            )
+        )
     if settings.discord_token is not None:
         from bot.discord_bot import DiscordAdapter
 
@@ -90,6 +107,8 @@ def _adapters(commands: Commands, settings: Settings, shutdown_grace_s: float) -
             DiscordAdapter(
                 commands,
                 settings,
+                inbox=Inbox(store, "discord", policy),
+                alerts=alerts,
                 shutdown_grace_s=shutdown_grace_s,
                 sync_guild_id=settings.discord_dev_guild_id,
             )

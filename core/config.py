@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     model_stall_s: float | None = Field(default=None, ge=0, validation_alias="OHLORA_MODEL_STALL_S")
     """Seconds one model call may run before the worker gives up on it; see `stall_after_s`."""
     rate_limit_per_minute: int = Field(default=12, ge=0, validation_alias="OHLORA_RATE_LIMIT_PER_MINUTE")
+    replay_within_s: float = Field(default=600.0, ge=0, validation_alias="OHLORA_REPLAY_WITHIN_S")
+    """After a restart, messages received this recently and not answered are answered; older ones
+    get a short "I was restarted" notice."""
     memory_threshold: float = Field(default=0.95, validation_alias="OHLORA_MEMORY_THRESHOLD")
     parallel_samples: int = Field(default=3, ge=1, le=15, validation_alias="OHLORA_PARALLEL_SAMPLES")
     log_level: str = Field(default="INFO", validation_alias="OHLORA_LOG_LEVEL")
@@ -108,6 +111,3 @@ class Settings(BaseSettings):
     @property
     def default_face(self) -> int | None:
         return None if self.face == "random" else int(self.face)
-
-    def is_admin(self, platform: str, user_id: str) -> bool:
-        return f"{platform}:{user_id}" in self.admin_ids

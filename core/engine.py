@@ -13,9 +13,11 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
+
+from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
 from core import prompts
 from core.expression import scores_for
@@ -23,7 +25,7 @@ from core.keyed_lock import KeyedLocks
 from core.ratelimit import RateLimiter
 from core.retrieval import best_memory
 from core.safety import NOTICES, validate_user_text
-from core.store import NewMemory, Store, TurnRecord
+from core.store import NewMemory, Store, TurnRecord, chat_scope
 from core.types import (
     IDLE_SCORES,
     Expression,
@@ -43,10 +45,36 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+Working = Callable[[], AbstractAsyncContextManager[object]]
+"""The platform's "working on it" signal (typing…), shown while a turn runs."""
+
 BUSY_TEXT = "앗, 지금 이야기하는 사람이 너무 많아서 정신이 없어! 😵 잠깐 뒤에 다시 말 걸어 줄래?"
 TIMEOUT_TEXT = "미안, 생각이 너무 길어졌어 😢 다시 한 번 말해 줄래?"
 ERROR_TEXT = "어라, 나 지금 머리가 잠깐 하얘졌어 😢 조금 있다가 다시 말해 줄래?"
 RATE_LIMIT_TEXT = "말이 너무 빨라! 😳 나 따라가기 힘들어, 조금만 천천히 보내 줄래?"
+
+
+STORE_FAILED_ALARM = (
+    "⚠️ 데이터베이스에 대화를 저장하지 못했어요 ({error}). 답은 보냈지만 기억, 요약, 기록은 남지 않았어요. "
+    "디스크 공간과 OHLORA_DB_PATH 의 권한을 확인해 주세요."
+)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A message turned away the moment it arrived, before it waited for anything.
+
+    `notice` is what to tell the user, or None to stay silent: a user is told once, not once per
+    message, until a message of theirs is admitted again.
+    """
+
+    notice: Reply | None
+
+
+class Alarm(Protocol):
+    """Whoever runs the service, told about a fault only they can fix (a full disk, a locked file)."""
+
+    async def raise_alarm(self, text: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,8 @@ class EngineOptions:
     rate_limit_per_minute: int = 0
     default_face: int | None = None
     animate: bool = False
+    commit_attempts: int = 4
+    """Tries at storing a turn (a busy or failing database) before the answer goes out unstored."""
 
 
 @dataclass
@@ -99,13 +129,16 @@ class Engine:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        alarm: Alarm | None = None,
     ) -> None:
         self._worker = worker
         self._store = store
         self._options = options
         self._rng = rng or random.Random()
         self._clock = clock
+        self._alarm = alarm
         self._rate_limiter = RateLimiter(options.rate_limit_per_minute)
+        self._told_to_slow_down: set[str] = set()
         self._user_locks = KeyedLocks()
         self._pending = 0
         self.started_at = clock()
@@ -123,24 +156,53 @@ class Engine:
     def faces(self) -> Sequence[int]:
         return self._worker.renderer.faces()
 
-    async def reply(self, message: IncomingMessage) -> Reply:
-        """Answer one message; every outcome is a Reply, never an exception."""
-        if not self._rate_limiter.allow(message.user_key):
-            return Reply(text=RATE_LIMIT_TEXT, kind=ReplyKind.NOTICE)
+    def admit(self, user_key: str) -> Refused | None:
+        """Whether a message (or a command that uses a model) may wait for a turn at all.
+
+        Decided at once and without awaiting, so a flood is turned away before its messages
+        queue behind each other, show "typing…" or cost the platform one notice each.
+        """
+        if self._rate_limiter.allow(user_key):
+            self._told_to_slow_down.discard(user_key)
+            return None
+        if user_key in self._told_to_slow_down:
+            return Refused(notice=None)
+        self._told_to_slow_down.add(user_key)
+        return Refused(notice=Reply(text=RATE_LIMIT_TEXT, kind=ReplyKind.NOTICE))
+
+    async def reply(self, message: IncomingMessage, working: Working | None = None) -> Reply:
+        """Answer one admitted message; every outcome is a Reply, never an exception.
+
+        The user's place in line is taken before the first await, so a user's messages are
+        answered in the order they arrived. `working` (the platform's "typing…") is entered once
+        the turn itself starts, not while it waits behind the user's earlier ones.
+        """
         if self._pending >= self._options.max_pending_turns:
             return Reply(text=BUSY_TEXT, kind=ReplyKind.BUSY)
         self._pending += 1
         try:
             async with self._user_locks.hold(message.user_key):
-                return await self._guarded_turn(message)
+                if working is None:
+                    return await self._guarded_turn(message)
+                async with working():
+                    return await self._guarded_turn(message)
         finally:
             self._pending -= 1
 
     async def render_current_face(self, platform: str, chat_id: str, user_key: str) -> RenderedFace:
-        """The face as the user last saw it, for `/face`."""
-        face = await self._face_for_chat(platform, chat_id)
-        scores = await self._store.last_scores(user_key) or IDLE_SCORES
-        return await self._worker.render(FaceRequest(face=face, scores=scores))
+        """The face as the user last saw it, for `/face`: in the user's line, like a turn."""
+        self._pending += 1
+        try:
+            async with self._user_locks.hold(user_key):
+                face = await self._face_for_chat(platform, chat_id)
+                scores = await self._store.last_scores(user_key) or IDLE_SCORES
+                return await self._worker.render(FaceRequest(face=face, scores=scores))
+        finally:
+            self._pending -= 1
+
+    async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        """A chat got a new id: its summaries and pinned face go with it."""
+        await self._store.move_chat(platform, old_chat_id, new_chat_id)
 
     async def _guarded_turn(self, message: IncomingMessage) -> Reply:
         """The turn under its deadline; any failure (a model that raised or stalled) is an apology."""
@@ -178,7 +240,8 @@ class Engine:
         with timer.stage("answer"):
             answer_run = self._task_run(Task.OUTPUT_MESSAGE, final_input, prompts.clean_output_message)
             memory_run = self._task_run(Task.MEMORY, final_input, _memory_cleaner())
-            await self._run_tasks([answer_run, memory_run], deadline)
+            # Forwarded words are someone else's: nothing in them is a memory of the sender.
+            await self._run_tasks([answer_run] if message.forwarded else [answer_run, memory_run], deadline)
         answer = answer_run.result_or(prompts.FALLBACK_OUTPUT_MESSAGE)
 
         with timer.stage("reflect"):
@@ -200,6 +263,16 @@ class Engine:
             image = await self._render(message, scores)
 
         timings = {**timer.timings, "total": sum(timer.timings.values())}
+        reply = Reply(
+            text=answer.strip() or answer,
+            kind=ReplyKind.ANSWER,
+            image=image,
+            expression=expression,
+            scores=scores,
+            used_memory=memory,
+            summary=new_summary,
+            timings=timings,
+        )
         record = TurnRecord(
             platform=message.platform,
             user_key=message.user_key,
@@ -214,19 +287,38 @@ class Engine:
             summary=new_summary,
             timings=timings,
             created_at=self._clock(),
+            event_id=message.event_id,
+            reply=reply,
         )
         # Shielded: a deadline or shutdown that lands now must not cut the transaction in half.
-        await asyncio.shield(self._store.commit_turn(record, new_memory))
-        return Reply(
-            text=answer.strip() or answer,
-            kind=ReplyKind.ANSWER,
-            image=image,
-            expression=expression,
-            scores=scores,
-            used_memory=memory,
-            summary=new_summary,
-            timings=timings,
+        await asyncio.shield(self._commit(record, new_memory))
+        return reply
+
+    async def _commit(self, record: TurnRecord, new_memory: NewMemory | None) -> None:
+        """Store the turn, retrying a busy or failing database; the answer goes out either way.
+
+        The user has waited for this answer and it is already computed: losing the turn's memory
+        is better than losing the answer. The operators are told, since only they can free a
+        disk or a lock.
+        """
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._options.commit_attempts),
+            wait=wait_exponential(multiplier=0.25, max=2.0),
+            reraise=True,
         )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._store.commit_turn(record, new_memory)
+        except Exception as error:
+            logger.error(
+                "could not store the turn of %s after %d attempts; answering anyway",
+                record.user_key,
+                self._options.commit_attempts,
+                exc_info=error,
+            )
+            if self._alarm is not None:
+                await self._alarm.raise_alarm(STORE_FAILED_ALARM.format(error=error))
 
     async def _retrieve(self, user_key: str, user_text: str) -> str | None:
         """Only this user's memories are ever candidates; an empty store costs no encoder call."""
@@ -296,19 +388,15 @@ class Engine:
             logger.exception("rendering the face failed")
             return None
 
-    @staticmethod
-    def face_scope(platform: str, chat_id: str) -> str:
-        return f"chat:{platform}:{chat_id}"
-
     async def set_face(self, platform: str, chat_id: str, face: int | None) -> None:
         """Admins pin a chat's face; None goes back to the default."""
         if face is not None and face not in self.faces():
             raise ValueError(f"unknown face {face}; choose one of {', '.join(map(str, self.faces()))}")
-        await self._store.set_face(self.face_scope(platform, chat_id), face)
+        await self._store.set_face(chat_scope(platform, chat_id), face)
 
     async def _face_for_chat(self, platform: str, chat_id: str) -> int:
         """A chat keeps one face: the pinned one, the configured default, or a random pick kept."""
-        scope = self.face_scope(platform, chat_id)
+        scope = chat_scope(platform, chat_id)
         face = await self._store.face_for(scope)
         if face is None:
             face = self._options.default_face

@@ -159,6 +159,16 @@ class ReplyKind(str, Enum):
     """A model failed or ran out of time; the user still gets a polite answer."""
 
 
+def user_key(platform: str, user_id: str) -> str:
+    """Whose memories: one account on one platform."""
+    return f"{platform}:{user_id}"
+
+
+def conversation_key(platform: str, chat_id: str, user_id: str) -> str:
+    """Whose summary: one user in one chat (a group's members each have their own)."""
+    return f"{platform}:{chat_id}:{user_id}"
+
+
 @dataclass(frozen=True)
 class IncomingMessage:
     """A user's text, stripped of everything platform specific."""
@@ -167,15 +177,18 @@ class IncomingMessage:
     user_id: str
     chat_id: str
     text: str
-    is_admin: bool = False
+    event_id: str | None = None
+    """The platform event it came in (inbox id): the turn keeps its reply with that event until delivered."""
+    forwarded: bool = False
+    """Someone else's words passed on: answered, but never stored as the sender's own memory."""
 
     @property
     def user_key(self) -> str:
-        return f"{self.platform}:{self.user_id}"
+        return user_key(self.platform, self.user_id)
 
     @property
     def conversation_key(self) -> str:
-        return f"{self.platform}:{self.chat_id}:{self.user_id}"
+        return conversation_key(self.platform, self.chat_id, self.user_id)
 
 
 @dataclass(frozen=True)

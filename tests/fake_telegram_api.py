@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -189,6 +189,8 @@ class ApiCall:
     """The HTTP status answered, or DROPPED when the connection was closed without an answer."""
     fault: Fault | None = None
     """The injected fault this call met, if any."""
+    at: float = field(default_factory=time.monotonic)
+    """When the call was recorded (`time.monotonic()`), for checking pauses between retries."""
 
     def json(self, name: str) -> Any:
         return json.loads(self.params[name])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from core.engine import Engine, EngineOptions
+from core.engine import Alarm, Engine, EngineOptions
 from core.store import InMemoryStore, Store
 from core.types import FaceRequest, Generation, GenerationRequest, RenderedFace, Task
 from core.worker import InferenceWorker
@@ -153,6 +153,7 @@ def make_harness(
     options: EngineOptions | None = None,
     seed: int = 0,
     stall_after_s: float | None = None,
+    alarm: Alarm | None = None,
 ) -> Harness:
     """A started worker and an engine over fakes; the caller stops the worker."""
     import random
@@ -163,5 +164,5 @@ def make_harness(
     store = store or InMemoryStore()
     worker = InferenceWorker(generator, embedder, renderer, stall_after_s=stall_after_s)
     worker.start()
-    engine = Engine(worker, store, options or EngineOptions(), rng=random.Random(seed))
+    engine = Engine(worker, store, options or EngineOptions(), rng=random.Random(seed), alarm=alarm)
     return Harness(engine, worker, store, generator, embedder, renderer)

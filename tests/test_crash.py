@@ -175,9 +175,12 @@ async def test_kill_9_mid_turn_twenty_times_leaves_a_clean_whole_database(tmp_pa
     seen = Snapshot({}, {}, {}, set())
     killed_mid_turn = 0
 
-    for round_number in range(ROUNDS):
-        stall = round_number % 2 == 0
-        with FakeBotApi() as api:
+    with FakeBotApi() as api:  # one Bot API for every run, as Telegram is: update ids never repeat
+        for round_number in range(ROUNDS):
+            stall = round_number % 2 == 0
+            polls, actions, photos = (
+                len(api.calls(method)) for method in ("getUpdates", "sendChatAction", "sendPhoto")
+            )
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
@@ -187,7 +190,9 @@ async def test_kill_9_mid_turn_twenty_times_leaves_a_clean_whole_database(tmp_pa
                 stdout=asyncio.subprocess.PIPE,
             )
             try:
-                await api.wait_until(lambda api: bool(api.calls("getUpdates")), "the service to poll", timeout_s=60)
+                await api.wait_until(
+                    lambda api, polls=polls: len(api.calls("getUpdates")) > polls, "the service to poll", timeout_s=60
+                )
                 sent = [next(numbers) for _ in range(MESSAGES_PER_ROUND)]
                 for index, number in enumerate(sent):
                     api.send_message(USERS[index % len(USERS)], f"기억 {number}")
@@ -198,25 +203,27 @@ async def test_kill_9_mid_turn_twenty_times_leaves_a_clean_whole_database(tmp_pa
                     assert line[0] == IN_COMMIT, line
                     caught = turn_number(" ".join(line[1:]))
                 else:
-                    await api.wait_for_calls("sendChatAction")
+                    await api.wait_until(
+                        lambda api, actions=actions: len(api.calls("sendChatAction")) > actions, "a turn to start"
+                    )
                     await asyncio.sleep(rng.uniform(0.0, 0.25))
-                answered = len(api.calls("sendPhoto"))
+                answered = len(api.calls("sendPhoto")) - photos
             finally:
                 child.kill()  # SIGKILL
                 await child.wait()
-        assert child.returncode == -signal.SIGKILL
-        killed_mid_turn += not stall and answered < len(sent)
+            assert child.returncode == -signal.SIGKILL
+            killed_mid_turn += not stall and answered < len(sent)
 
-        store = await SqliteStore.open(db_path)  # as the next start opens it: migrations, WAL
-        await store.close()
-        snapshot = read(db_path)
-        logged = check_consistent(snapshot)
-        if caught is not None:
-            assert caught not in logged, f"turn {caught} was killed inside its transaction yet left rows"
-        assert {key: row for key, row in snapshot.turns.items() if key in seen.turns} == seen.turns
-        assert {key: row for key, row in snapshot.memories.items() if key in seen.memories} == seen.memories
-        assert len(snapshot.turns) >= len(seen.turns) and len(snapshot.memories) >= len(seen.memories)
-        seen = snapshot
+            store = await SqliteStore.open(db_path)  # as the next start opens it: migrations, WAL
+            await store.close()
+            snapshot = read(db_path)
+            logged = check_consistent(snapshot)
+            if caught is not None:
+                assert caught not in logged, f"turn {caught} was killed inside its transaction yet left rows"
+            assert {key: row for key, row in snapshot.turns.items() if key in seen.turns} == seen.turns
+            assert {key: row for key, row in snapshot.memories.items() if key in seen.memories} == seen.memories
+            assert len(snapshot.turns) >= len(seen.turns) and len(snapshot.memories) >= len(seen.memories)
+            seen = snapshot
 
     assert killed_mid_turn >= ROUNDS // 4, "random kills should mostly land while turns are still running"
     assert len(seen.turns) >= ROUNDS // 2, "the rounds should have logged turns between the kills"

@@ -25,7 +25,9 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from bot.alerts import AdminAlerts
 from bot.commands import Commands
+from bot.inbox import Inbox
 from bot.service import MissingTokens, serve
 from core.config import Settings
 from core.store import SqliteStore
@@ -180,9 +182,17 @@ class FakeDiscordAdapter:
     instances: list[FakeDiscordAdapter] = []
 
     def __init__(
-        self, commands: Commands, settings: Settings, *, shutdown_grace_s: float, sync_guild_id: int | None
+        self,
+        commands: Commands,
+        settings: Settings,
+        *,
+        inbox: Inbox,
+        alerts: AdminAlerts,
+        shutdown_grace_s: float,
+        sync_guild_id: int | None,
     ) -> None:
         self.commands = commands
+        self.inbox = inbox
         self.shutdown_grace_s = shutdown_grace_s
         self.events: list[str] = []
         FakeDiscordAdapter.instances.append(self)

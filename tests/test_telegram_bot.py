@@ -8,47 +8,45 @@ import io
 import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from PIL import Image
-from pydantic import SecretStr
-from telegram import Message, Update
-from telegram.ext import TypeHandler
+from telegram import Message
 
 from bot.commands import BLOCKED_TEXT, NO_MEMORIES_TEXT, NOT_ADMIN_TEXT, PRIVATE_ONLY_TEXT, Caller, Commands
 from bot.errors import BotLoginFailed
-from bot.telegram_bot import (
+from bot.inbox import Inbox
+from bot.telegram_bot import TelegramAdapter
+from bot.telegram_delivery import split_caption, split_text, utf16_length
+from bot.telegram_rules import (
     FORGET_CANCEL,
     FORGET_CANCELLED_TEXT,
     FORGET_CONFIRM,
     FORGET_EXPIRED_TEXT,
     NOT_YOUR_BUTTON_TEXT,
+    SENT_PRIVATELY_TEXT,
     UNKNOWN_COMMAND_TEXT,
     BotIdentity,
     PendingForget,
     PendingForgets,
-    TelegramAdapter,
     UsageError,
     file_url_for,
     parse_face,
     parse_forget_data,
     parse_target,
     should_answer,
-    split_caption,
-    split_text,
     strip_mention,
     to_incoming,
-    utf16_length,
     wants_unknown_command_hint,
 )
-from core.config import Settings
-from core.engine import ERROR_TEXT, Engine
+from core.engine import ERROR_TEXT
 from core.safety import NOTICES, InputProblem
+from core.store import chat_scope
 from core.types import FaceRequest, RenderedFace, Task
-from tests.fake_telegram_api import PNG_SIGNATURE, ApiCall, FakeBotApi, Json, group_chat, user
+from tests.fake_telegram_api import PNG_SIGNATURE, FakeBotApi, Json, group_chat, user
 from tests.fakes import END, FakeGenerator, FakeRenderer, Harness, make_harness
+from tests.telegram_harness import ADMIN_IDS, BotStarter, RunningBot, settings_for
 
 BOT = BotIdentity(id=4242, username="ohlora_test_bot")
 ADMIN = user(777, "관리자")
@@ -56,7 +54,6 @@ ALICE = user(1001, "앨리스")
 BOB = user(1002, "밥")
 GROUP = group_chat()
 GROUP_ID = int(GROUP["id"])
-ADMIN_IDS = frozenset({"telegram:777"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,17 +105,17 @@ def test_other_bots_are_never_answered() -> None:
 
 
 def test_to_incoming_maps_ids_and_removes_the_mention() -> None:
-    incoming = to_incoming(tg(ALICE, "안녕 @ohlora_test_bot 뭐해?", chat=GROUP), BOT, ADMIN_IDS)
+    incoming = to_incoming(tg(ALICE, "안녕 @ohlora_test_bot 뭐해?", chat=GROUP), BOT, event_id="7")
     assert incoming is not None
     assert (incoming.platform, incoming.user_id, incoming.chat_id) == ("telegram", "1001", str(GROUP_ID))
     assert incoming.text == "안녕 뭐해?"
-    assert incoming.is_admin is False
-    admin = to_incoming(tg(ADMIN, "안녕"), BOT, ADMIN_IDS)
-    assert admin is not None and admin.is_admin and admin.chat_id == "777"
+    assert incoming.event_id == "7" and not incoming.forwarded
+    private = to_incoming(tg(ADMIN, "안녕"), BOT)
+    assert private is not None and private.chat_id == "777"
 
 
 def test_to_incoming_is_none_when_not_addressed() -> None:
-    assert to_incoming(tg(ALICE, "안녕 여러분", chat=GROUP), BOT, ADMIN_IDS) is None
+    assert to_incoming(tg(ALICE, "안녕 여러분", chat=GROUP), BOT) is None
 
 
 def test_strip_mention_keeps_other_words_and_mentions() -> None:
@@ -220,71 +217,14 @@ def api() -> Any:
         yield server
 
 
-def settings_for(api: FakeBotApi, token: str | None = None) -> Settings:
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        telegram_token=SecretStr(token or api.token),
-        telegram_api_base_url=api.base_url,
-        discord_token=None,
-        admin_ids=ADMIN_IDS,
-    )
-
-
-@dataclass
-class RunningBot:
-    api: FakeBotApi
-    adapter: TelegramAdapter
-    harness: Harness
-    handled: set[int] = field(default_factory=set)
-
-    async def handled_update(self, update_id: int) -> None:
-        await self.api.wait_until(lambda _: update_id in self.handled, f"update {update_id} handled")
-
-    async def say(self, from_user: Json, text: str, **kwargs: Any) -> Json:
-        """Send a message and wait until the bot has finished with it."""
-        update_id, message = self.api.send_message(from_user, text, **kwargs)
-        await self.handled_update(update_id)
-        return message
-
-    async def press(self, from_user: Json, call: ApiCall, label: str) -> None:
-        buttons = call.json("reply_markup")["inline_keyboard"][0]
-        data = next(button["callback_data"] for button in buttons if button["text"] == label)
-        await self.handled_update(self.api.press_button(from_user, call.result, data))
-
-    def texts(self, chat_id: int) -> list[str | None]:
-        return [call.text for call in self.api.sent(chat_id)]
-
-
 StartBot = Callable[..., Awaitable[RunningBot]]
 
 
 @pytest.fixture
 async def start_bot(api: FakeBotApi) -> AsyncIterator[StartBot]:
-    running: list[RunningBot] = []
-
-    async def start(
-        *, harness: Harness | None = None, commands_type: type[Commands] = Commands, **adapter_options: Any
-    ) -> RunningBot:
-        harness = harness or make_harness()
-        commands = commands_type(harness.engine, harness.store, admin_ids=ADMIN_IDS, model_profile="fake")
-        adapter = TelegramAdapter(commands, settings_for(api), **adapter_options)
-        bot = RunningBot(api, adapter, harness)
-
-        async def mark_handled(update: Update, _: object) -> None:
-            bot.handled.add(update.update_id)
-
-        # A later handler group runs after the adapter's handlers have finished with the update.
-        adapter.application.add_handler(TypeHandler(Update, mark_handled), group=1)
-        running.append(bot)
-        await adapter.start()
-        return bot
-
-    yield start
-    for bot in running:
-        if bot.harness.generator.release is not None:
-            bot.harness.generator.release.set()
-        await bot.adapter.close()
-        await bot.harness.worker.stop()
+    starter = BotStarter(api)
+    yield starter.start
+    await starter.close_all()
 
 
 @pytest.fixture
@@ -316,9 +256,11 @@ async def test_a_dm_gets_the_face_as_a_png_with_the_answer_as_caption(bot: Runni
 
 
 async def test_a_group_message_without_mention_gets_nothing(bot: RunningBot) -> None:
-    await bot.say(ALICE, "오늘 날씨 좋다", chat=GROUP)
-    await bot.say(ALICE, "@someone_else 안녕", chat=GROUP)
-
+    """Not even a place in the inbox: it is confirmed to Telegram and forgotten."""
+    for text in ("오늘 날씨 좋다", "@someone_else 안녕"):
+        await bot.ignored(ALICE, text, chat=GROUP)
+    assert await bot.harness.store.pending_events("telegram") == []
+    assert bot.handled == set()
     assert bot.api.calls("sendMessage", "sendPhoto", "sendAnimation", "sendChatAction", chat_id=GROUP_ID) == []
     assert bot.harness.generator.calls == []
 
@@ -347,15 +289,15 @@ async def test_a_non_admin_is_refused_every_admin_command_and_nothing_changes(bo
 
     assert bot.texts(1001) == [NOT_ADMIN_TEXT] * len(commands)
     assert bot.texts(GROUP_ID) == [NOT_ADMIN_TEXT] * len(commands)
-    assert await store.face_for(Engine.face_scope("telegram", "1001")) is None
-    assert await store.face_for(Engine.face_scope("telegram", str(GROUP_ID))) is None
+    assert await store.face_for(chat_scope("telegram", "1001")) is None
+    assert await store.face_for(chat_scope("telegram", str(GROUP_ID))) is None
     assert await store.blocked_users() == ["telegram:555"]
 
 
 async def test_an_admin_sets_the_face_of_a_chat(bot: RunningBot) -> None:
     await bot.say(ADMIN, "/setface 931", chat=GROUP)
     assert "931" in (bot.texts(GROUP_ID)[-1] or "")
-    assert await bot.harness.store.face_for(Engine.face_scope("telegram", str(GROUP_ID))) == 931
+    assert await bot.harness.store.face_for(chat_scope("telegram", str(GROUP_ID))) == 931
 
     await bot.say(ALICE, "@ohlora_test_bot 안녕", chat=GROUP)
     assert bot.harness.renderer.requests[-1].face == 931
@@ -365,7 +307,7 @@ async def test_an_admin_sets_the_face_of_a_chat(bot: RunningBot) -> None:
     assert "unknown face 5" in (bot.texts(GROUP_ID)[-1] or "")
     await bot.say(ADMIN, "/setface", chat=GROUP)
     assert bot.texts(GROUP_ID)[-1] == "사용법: /setface <얼굴 번호> (기본 얼굴로 돌리려면 /setface default)"
-    assert await bot.harness.store.face_for(Engine.face_scope("telegram", str(GROUP_ID))) == 931
+    assert await bot.harness.store.face_for(chat_scope("telegram", str(GROUP_ID))) == 931
 
 
 async def test_an_admin_blocks_and_unblocks_a_user(bot: RunningBot) -> None:
@@ -382,9 +324,11 @@ async def test_an_admin_blocks_and_unblocks_a_user(bot: RunningBot) -> None:
     await bot.say(ALICE, "이제 돼?")
     assert bot.api.sent(1001)[-1].method == "sendPhoto"
 
-    bobs = await bot.say(BOB, "스팸스팸", chat=GROUP)
+    bobs = await bot.ignored(BOB, "스팸스팸", chat=GROUP)
     await bot.say(ADMIN, "/block", chat=GROUP, reply_to=bobs)
     assert await bot.harness.store.blocked_users() == ["telegram:1002"]
+    assert bot.texts(GROUP_ID)[-1] == SENT_PRIVATELY_TEXT, "bot-wide admin output never goes into a group"
+    assert bot.texts(777)[-1] == "telegram:1002: 차단했어요."
 
 
 async def test_an_admin_sees_stats_and_anyones_memories(bot: RunningBot) -> None:
@@ -575,7 +519,9 @@ async def test_a_refused_token_is_a_clear_error(api: FakeBotApi) -> None:
     harness = make_harness()
     try:
         commands = Commands(harness.engine, harness.store, admin_ids=ADMIN_IDS, model_profile="fake")
-        adapter = TelegramAdapter(commands, settings_for(api, token="999:not-the-token"))
+        adapter = TelegramAdapter(
+            commands, settings_for(api, token="999:not-the-token"), inbox=Inbox(harness.store, "telegram")
+        )
         with pytest.raises(BotLoginFailed, match="TELEGRAM_TOKEN") as raised:
             await adapter.start()
         assert raised.value.__suppress_context__, "PTB's error quotes the token; it must not be chained"
@@ -592,9 +538,7 @@ async def test_close_lets_a_turn_in_flight_finish(start_bot: StartBot) -> None:
     await bot.api.wait_until(lambda _: bool(generator.calls), "the turn to reach the model")
 
     closing = asyncio.create_task(bot.adapter.close())
-    updater = bot.adapter.application.updater
-    assert updater is not None
-    await bot.api.wait_until(lambda _: not updater.running, "polling to stop")
+    await bot.api.wait_until(lambda _: not bot.adapter.polling, "polling to stop")
     assert generator.release is not None
     generator.release.set()
     await asyncio.wait_for(closing, timeout=20)

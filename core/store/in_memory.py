@@ -10,15 +10,33 @@ from types import TracebackType
 
 from core.store.typed_settings import TypedSettings
 from core.store.values import (
+    EventState,
+    InboxEvent,
     NewMemory,
+    PendingEvent,
     StoredMemory,
     StoreStats,
     TurnRecord,
     TurnRow,
+    allowed_channels_scope,
     as_embedding,
+    chat_scope,
+    conversation_prefix,
     normalize,
 )
-from core.types import ExpressionScores
+from core.types import ExpressionScores, Reply
+
+
+@dataclass(frozen=True)
+class _InboxRow:
+    event: InboxEvent
+    state: EventState
+    reply: Reply | None
+
+    @staticmethod
+    def finished(row: _InboxRow) -> _InboxRow:
+        """Only the id stays, as in SQLite: nothing the user wrote outlives the delivery."""
+        return _InboxRow(dataclasses.replace(row.event, payload=""), EventState.DONE, None)
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,7 @@ class InMemoryStore(TypedSettings):
         self._turns: list[TurnRow] = []
         self._turn_ids = itertools.count(1)
         self._settings: dict[str, dict[str, str]] = {}
+        self._inbox: dict[tuple[str, str], _InboxRow] = {}
 
     async def close(self) -> None:
         return None
@@ -81,6 +100,8 @@ class InMemoryStore(TypedSettings):
         if turn.scores is not None:
             self._scores[turn.user_key] = turn.scores
         self._turns.append(row)
+        if turn.event_id is not None and turn.reply is not None:
+            self._answer(turn.platform, turn.event_id, turn.reply)
 
     def _log_turn(self, turn: TurnRecord) -> TurnRow:
         return TurnRow(
@@ -121,6 +142,60 @@ class InMemoryStore(TypedSettings):
         await self.clear_summaries(user_key)
         self._scores.pop(user_key, None)
         self._turns = [row for row in self._turns if row.user_key != user_key]
+        for key, row in self._inbox.items():
+            if row.event.user_key == user_key:
+                self._inbox[key] = _InboxRow.finished(row)
+
+    async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        old_prefix, new_prefix = conversation_prefix(platform, old_chat_id), conversation_prefix(platform, new_chat_id)
+        for key in [key for key in self._summaries if key.startswith(old_prefix)]:
+            self._summaries[new_prefix + key[len(old_prefix) :]] = self._summaries.pop(key)
+        moved = self._settings.pop(chat_scope(platform, old_chat_id), None)
+        if moved is not None:
+            self._settings[chat_scope(platform, new_chat_id)] = moved
+        channels = self._settings.get(allowed_channels_scope(platform), {})
+        if old_chat_id in channels:
+            channels[new_chat_id] = channels.pop(old_chat_id)
+
+    async def receive_events(self, events: Sequence[InboxEvent]) -> list[bool]:
+        fresh = []
+        for event in events:
+            key = (event.platform, event.event_id)
+            fresh.append(key not in self._inbox)
+            self._inbox.setdefault(key, _InboxRow(event, EventState.RECEIVED, None))
+        return fresh
+
+    async def answer_event(self, platform: str, event_id: str, reply: Reply) -> None:
+        self._answer(platform, event_id, reply)
+
+    def _answer(self, platform: str, event_id: str, reply: Reply) -> None:
+        row = self._inbox.get((platform, event_id))
+        if row is not None and row.state is not EventState.DONE:
+            self._inbox[(platform, event_id)] = dataclasses.replace(row, state=EventState.ANSWERED, reply=reply)
+
+    async def finish_events(self, platform: str, event_ids: Sequence[str]) -> None:
+        for event_id in event_ids:
+            row = self._inbox.get((platform, event_id))
+            if row is not None:
+                self._inbox[(platform, event_id)] = _InboxRow.finished(row)
+
+    async def pending_events(self, platform: str) -> list[PendingEvent]:
+        rows = [row for (row_platform, _), row in self._inbox.items() if row_platform == platform]
+        return [
+            PendingEvent(row.event, row.reply)
+            for row in sorted(rows, key=lambda row: row.event.received_at)
+            if row.state is not EventState.DONE
+        ]
+
+    async def prune_events(self, platform: str, received_before: float) -> int:
+        doomed = [
+            key
+            for key, row in self._inbox.items()
+            if key[0] == platform and row.state is EventState.DONE and row.event.received_at < received_before
+        ]
+        for key in doomed:
+            del self._inbox[key]
+        return len(doomed)
 
     async def get_setting(self, scope: str, key: str) -> str | None:
         return self._settings.get(scope, {}).get(key)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from core.store.values import NewMemory, StoredMemory, StoreStats, TurnRecord, TurnRow
-from core.types import ExpressionScores
+from core.store.values import InboxEvent, NewMemory, PendingEvent, StoredMemory, StoreStats, TurnRecord, TurnRow
+from core.types import ExpressionScores, Reply
 
 
 class Store(Protocol):
@@ -34,11 +35,35 @@ class Store(Protocol):
     async def clear_summaries(self, user_key: str, conversation_key: str | None = None) -> int: ...
 
     async def forget_user(self, user_key: str) -> None:
-        """Delete everything the user left: memories, summaries, expression and logged turns.
+        """Delete everything the user left: memories, summaries, expression, logged turns, inbox texts.
 
         Users own their data, so their turns go too. A block is a moderation decision about the
         user rather than the user's data, and stays.
         """
+        ...
+
+    async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        """A chat got a new id (a Telegram group became a supergroup): its summaries and settings follow."""
+        ...
+
+    async def receive_events(self, events: Sequence[InboxEvent]) -> list[bool]:
+        """Keep each event until it is done; False for one already known (a duplicate), which changes nothing."""
+        ...
+
+    async def answer_event(self, platform: str, event_id: str, reply: Reply) -> None:
+        """Keep the computed reply with its event until it is delivered (a no-op for a done event)."""
+        ...
+
+    async def finish_events(self, platform: str, event_ids: Sequence[str]) -> None:
+        """The events are delivered or given up on: payloads and replies go, ids stay for duplicates."""
+        ...
+
+    async def pending_events(self, platform: str) -> list[PendingEvent]:
+        """Events not yet done, oldest first: what a restart must finish."""
+        ...
+
+    async def prune_events(self, platform: str, received_before: float) -> int:
+        """Forget done events older than any duplicate could arrive; return how many went."""
         ...
 
     async def get_setting(self, scope: str, key: str) -> str | None: ...

@@ -81,6 +81,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    # 2: the inbox of platform events, kept from arrival until their answer is delivered.
+    (
+        """
+        CREATE TABLE inbox (
+            platform TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            user_key TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('received', 'answered', 'done')),
+            received_at REAL NOT NULL,
+            payload TEXT,
+            reply_text TEXT,
+            reply_kind TEXT,
+            image BLOB,
+            image_mime TEXT,
+            image_face INTEGER,
+            PRIMARY KEY (platform, event_id)
+        )
+        """,
+        "CREATE INDEX inbox_by_state ON inbox (platform, state, received_at)",
+        "CREATE INDEX inbox_by_user ON inbox (user_key)",
+    ),
 )
 """Append a step to change the schema; never edit a step that has shipped."""
 

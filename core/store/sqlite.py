@@ -21,19 +21,59 @@ import numpy as np
 from core.store.schema import migrate, transaction
 from core.store.typed_settings import TypedSettings
 from core.store.values import (
+    EventState,
+    InboxEvent,
     NewMemory,
+    PendingEvent,
     StoredMemory,
     StoreError,
     StoreStats,
+    StoreUnavailable,
     TurnRecord,
     TurnRow,
+    allowed_channels_scope,
     as_embedding,
+    chat_scope,
+    conversation_prefix,
     normalize,
 )
-from core.types import Expression, ExpressionScores
+from core.types import Expression, ExpressionScores, RenderedFace, Reply, ReplyKind
 
 _EMBEDDING_DTYPE = np.dtype("<f4")
 """Little-endian float32 on disk, so a database file moves between machines unchanged."""
+
+
+_FINISHED = (
+    "state = 'done', payload = NULL, reply_text = NULL, reply_kind = NULL,"
+    " image = NULL, image_mime = NULL, image_face = NULL"
+)
+"""What finishing an event sets: only its id stays, so nothing the user wrote outlives the delivery."""
+
+
+async def _answer_event(conn: aiosqlite.Connection, platform: str, event_id: str, reply: Reply) -> None:
+    image = reply.image
+    await conn.execute(
+        "UPDATE inbox SET state = ?, reply_text = ?, reply_kind = ?, image = ?, image_mime = ?, image_face = ?"
+        " WHERE platform = ? AND event_id = ? AND state != ?",
+        (
+            EventState.ANSWERED.value,
+            reply.text,
+            reply.kind.value,
+            None if image is None else image.data,
+            None if image is None else image.mime_type,
+            None if image is None else image.face,
+            platform,
+            event_id,
+            EventState.DONE.value,
+        ),
+    )
+
+
+def _decode_reply(row: sqlite3.Row) -> Reply:
+    image = None
+    if row["image"] is not None:
+        image = RenderedFace(data=bytes(row["image"]), mime_type=row["image_mime"], face=row["image_face"])
+    return Reply(text=row["reply_text"], kind=ReplyKind(row["reply_kind"]), image=image)
 
 
 def _encode_embedding(vector: np.ndarray) -> bytes:
@@ -73,10 +113,17 @@ class SqliteStore(TypedSettings):
 
     @classmethod
     async def open(cls, path: Path | str, *, busy_timeout_s: float = 5.0) -> SqliteStore:
-        """Open (creating folders and file as needed) and migrate the database at `path`."""
+        """Open (creating folders and file as needed) and migrate the database at `path`.
+
+        A path that cannot hold a database (read-only, a folder, no space) is a `StoreUnavailable`
+        that names the path and the fix, rather than a traceback from deep inside SQLite.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreUnavailable.at(path, error) from error
         try:
             conn.row_factory = sqlite3.Row
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -86,8 +133,10 @@ class SqliteStore(TypedSettings):
             if rows[0][0] != "wal":
                 raise StoreError(f"{path}: SQLite refused WAL mode (journal mode {rows[0][0]!r})")
             await conn.execute("PRAGMA synchronous = NORMAL")
-        except BaseException:
+        except BaseException as error:
             await conn.close()
+            if isinstance(error, (OSError, sqlite3.Error)):
+                raise StoreUnavailable.at(path, error) from error
             raise
         return cls(conn)
 
@@ -166,6 +215,8 @@ class SqliteStore(TypedSettings):
                     ),
                 )
             await self._log_turn(conn, turn)
+            if turn.event_id is not None and turn.reply is not None:
+                await _answer_event(conn, turn.platform, turn.event_id, turn.reply)
 
     @staticmethod
     async def _upsert_memory(conn: aiosqlite.Connection, user_key: str, memory: NewMemory, now: float) -> None:
@@ -270,6 +321,83 @@ class SqliteStore(TypedSettings):
         async with self._write() as conn:
             for table in ("memories", "summaries", "expressions", "turns"):
                 await conn.execute(f"DELETE FROM {table} WHERE user_key = ?", (user_key,))
+            await conn.execute(f"UPDATE inbox SET {_FINISHED} WHERE user_key = ?", (user_key,))
+
+    async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        old_prefix, new_prefix = conversation_prefix(platform, old_chat_id), conversation_prefix(platform, new_chat_id)
+        async with self._write() as conn:
+            await conn.execute(
+                "UPDATE OR REPLACE summaries SET conversation_key = ? || substr(conversation_key, ?)"
+                " WHERE substr(conversation_key, 1, ?) = ?",
+                (new_prefix, len(old_prefix) + 1, len(old_prefix), old_prefix),
+            )
+            await conn.execute(
+                "UPDATE OR REPLACE settings SET scope = ? WHERE scope = ?",
+                (chat_scope(platform, new_chat_id), chat_scope(platform, old_chat_id)),
+            )
+            await conn.execute(
+                "UPDATE OR REPLACE settings SET key = ? WHERE scope = ? AND key = ?",
+                (new_chat_id, allowed_channels_scope(platform), old_chat_id),
+            )
+
+    # the inbox
+
+    async def receive_events(self, events: Sequence[InboxEvent]) -> list[bool]:
+        fresh = []
+        async with self._write() as conn:
+            for event in events:
+                cursor = await conn.execute(
+                    "INSERT OR IGNORE INTO inbox (platform, event_id, user_key, state, received_at, payload)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        event.platform,
+                        event.event_id,
+                        event.user_key,
+                        EventState.RECEIVED.value,
+                        event.received_at,
+                        event.payload,
+                    ),
+                )
+                fresh.append(cursor.rowcount == 1)
+        return fresh
+
+    async def answer_event(self, platform: str, event_id: str, reply: Reply) -> None:
+        async with self._write() as conn:
+            await _answer_event(conn, platform, event_id, reply)
+
+    async def finish_events(self, platform: str, event_ids: Sequence[str]) -> None:
+        async with self._write() as conn:
+            await conn.executemany(
+                f"UPDATE inbox SET {_FINISHED} WHERE platform = ? AND event_id = ?",
+                [(platform, event_id) for event_id in event_ids],
+            )
+
+    async def pending_events(self, platform: str) -> list[PendingEvent]:
+        rows = await self._fetch(
+            "SELECT * FROM inbox WHERE platform = ? AND state != ? ORDER BY received_at, rowid",
+            (platform, EventState.DONE.value),
+        )
+        return [
+            PendingEvent(
+                event=InboxEvent(
+                    platform=row["platform"],
+                    event_id=row["event_id"],
+                    user_key=row["user_key"],
+                    payload=row["payload"],
+                    received_at=row["received_at"],
+                ),
+                reply=_decode_reply(row) if row["state"] == EventState.ANSWERED.value else None,
+            )
+            for row in rows
+        ]
+
+    async def prune_events(self, platform: str, received_before: float) -> int:
+        async with self._write() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM inbox WHERE platform = ? AND state = ? AND received_at < ?",
+                (platform, EventState.DONE.value, received_before),
+            )
+            return cursor.rowcount
 
     # settings
 

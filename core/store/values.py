@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
 
 import numpy as np
 
-from core.types import Expression, ExpressionScores
+from core.types import Expression, ExpressionScores, Reply, conversation_key
 
 TOTAL_TIMING = "total"
 """The `timings` entry holding a turn's wall time; without it the stages' sum stands in."""
@@ -24,6 +26,17 @@ class StoreError(Exception):
 
 class SchemaTooNew(StoreError):
     """The database was written by a newer version of this program; opening it could corrupt it."""
+
+
+class StoreUnavailable(StoreError):
+    """The database file cannot be opened or written at all (a read-only path, a folder, no space)."""
+
+    @classmethod
+    def at(cls, path: Path, error: BaseException) -> StoreUnavailable:
+        return cls(
+            f"cannot use the database at {path}: {error}\n"
+            "Point OHLORA_DB_PATH (or --db) at a file in a folder this user can write to."
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,10 @@ class TurnRecord:
     summary: str | None
     timings: Mapping[str, float]
     created_at: float
+    event_id: str | None = None
+    """The inbox event this turn answers; its `reply` is kept with it in the same transaction."""
+    reply: Reply | None = None
+    """What the user is sent: kept until delivered, so a restart delivers it instead of redoing the turn."""
 
     @property
     def total_s(self) -> float:
@@ -105,6 +122,39 @@ class StoreStats:
     """Total seconds of the most recent turns, oldest first."""
 
 
+class EventState(str, Enum):
+    RECEIVED = "received"
+    """Stored before the platform was told it arrived; not answered yet."""
+    ANSWERED = "answered"
+    """The reply is computed and kept, not yet delivered."""
+    DONE = "done"
+    """Delivered (or given up on); only the id stays, to drop duplicates."""
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    """A platform event that will get an answer, kept from its arrival until the answer is delivered.
+
+    `payload` is the event as the platform described it (JSON text), so that a restart can handle
+    it again; it is dropped once the event is done.
+    """
+
+    platform: str
+    event_id: str
+    user_key: str
+    payload: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An inbox event a restart must finish."""
+
+    event: InboxEvent
+    reply: Reply | None
+    """The reply computed before the restart and not yet delivered; None: still to be handled."""
+
+
 def normalize(text: str) -> str:
     """All whitespace removed: upstream compared memories "once all spaces are removed"."""
     return "".join(text.split())
@@ -129,6 +179,16 @@ BLOCKED_SCOPE = "blocked"
 """Settings scope whose keys are blocked user keys."""
 
 FACE_KEY = "face"
+
+
+def chat_scope(platform: str, chat_id: str) -> str:
+    """Settings scope of one chat or channel (its pinned face)."""
+    return f"chat:{platform}:{chat_id}"
+
+
+def conversation_prefix(platform: str, chat_id: str) -> str:
+    """What the conversation keys of every user in one chat begin with."""
+    return conversation_key(platform, chat_id, "")
 
 
 def allowed_channels_scope(platform: str) -> str:
