@@ -151,6 +151,17 @@ class Commands:
             return refusal.notice
         return await self._engine.reply(message, working)
 
+    async def media_only(self, message: IncomingMessage) -> Reply | None:
+        """A picture, sticker or file said to her without a word: she reads only text.
+
+        Gated like a message, so a blocked or flooding user hears it once, not once per picture;
+        None means stay silent.
+        """
+        refusal = await self._turned_away(message.user_key, metered=True)
+        if refusal is not None:
+            return refusal.notice
+        return Reply(text=TEXT_ONLY_TEXT, kind=ReplyKind.NOTICE)
+
     async def _turned_away(self, key: str, *, metered: bool) -> Refused | None:
         """Why `key` gets no answer now: blocked, or (for what uses a model) over the rate limit."""
         blocks = await self._blocked()

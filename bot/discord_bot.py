@@ -5,8 +5,24 @@ are decided by `Commands` (and the engine behind it); here a Discord message bec
 `IncomingMessage`, a `Reply` becomes Discord messages, and an interaction becomes a `Caller`.
 
 The pure rules (`InboundMessage`, `should_answer`, `strip_mention`, `split_message`,
-`suggestions`) take no Discord objects, so they are tested directly; the client and the
-commands around them are thin.
+`suggestions`) take no Discord objects, so they are tested directly; the client and
+the commands around them are thin.
+
+Delivery and restarts. A message she will answer is written to the inbox before anything else
+happens to it, and finished only after its answer went out, so a message id seen twice (a
+gateway RESUME replays events) is answered once. On the first `on_ready` of a process, what an
+earlier process left unfinished is finished: a reply computed but not delivered is delivered as
+it was (the model is not asked again), a message too old to answer as if nothing happened gets
+`RESTARTED_TEXT`, any other is fetched and answered, and one deleted meanwhile is only marked
+done. Every part of an answer carries a nonce made of the message id, which Discord enforces:
+a send retried after a dropped connection, or repeated after a crash between sending and
+finishing, does not post the answer twice while Discord remembers the nonce (a few minutes).
+
+Messages sent while the bot was down are not answered. The gateway does not replay them, and
+reading channel history on start to find them is deliberately not done: it would mean answering
+chatter hours old in every allowed channel, long after the conversation moved on, and reading
+history the bot otherwise never needs. A user who spoke to her while she was away simply speaks
+again; what she had received before going down is never lost.
 
 The bot reads message text, which needs the privileged Message Content intent: enable it for
 the application in the Discord developer portal (Bot → Privileged Gateway Intents → Message
@@ -19,19 +35,24 @@ import asyncio
 import io
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from bot.commands import Caller, CommandResult, Commands, user_key
+from bot.alerts import AdminAlerts
+from bot.commands import NOT_NOW_TEXT, Caller, CommandResult, Commands
 from bot.errors import BotLoginFailed
+from bot.inbox import RESTARTED_TEXT, Arrival, Inbox
 from core.config import Settings
-from core.engine import ERROR_TEXT
-from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind
+from core.engine import ERROR_TEXT, Working
+from core.store import PendingEvent
+from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind, user_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +64,8 @@ CHOICES_LIMIT = 25
 CHOICE_TEXT_LIMIT = 100
 """Longest name or string value of an autocomplete choice."""
 CONFIRM_TIMEOUT_S = 120.0
+SEND_ATTEMPTS = 3
+"""Tries at one message part when the connection drops or times out (see `Delivery`)."""
 
 COMMAND_ERROR_TEXT = "앗, 명령을 처리하다가 문제가 생겼어. 😢 잠시 뒤에 다시 해 줄래?"
 BAD_ARGUMENT_TEXT = "입력한 값을 알아듣지 못했어. 다시 확인해 줄래? 🤔"
@@ -51,9 +74,15 @@ COOLDOWN_TEXT = "조금만 천천히! {seconds:.0f}초 뒤에 다시 해 줘."
 FORGET_CANCELLED_TEXT = "알겠어, 아무것도 지우지 않았어. 😊"
 FORGET_EXPIRED_TEXT = "대답이 없어서 취소했어. 지우려면 /forget 을 다시 써 줘."
 NOT_YOUR_BUTTON_TEXT = "이 버튼은 명령을 쓴 사람만 누를 수 있어."
+OTHER_SERVER_TEXT = "그 채널은 이 서버에 없어요. 설정하려는 채널이 있는 서버에서 명령을 써 주세요."
 
 SAFE_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 """Her answers can echo what users typed; an echoed @everyone or <@id> must never ping anyone."""
+
+NETWORK_ERRORS: tuple[type[Exception], ...] = (aiohttp.ClientError, TimeoutError)
+"""A request that may or may not have reached Discord: the connection dropped, or no answer came."""
+SEND_ERRORS: tuple[type[Exception], ...] = (discord.HTTPException, *NETWORK_ERRORS)
+"""Everything a request to Discord can fail with: Discord said no, or nobody knows."""
 
 
 def default_intents() -> discord.Intents:
@@ -71,6 +100,7 @@ def default_intents() -> discord.Intents:
 class InboundMessage:
     """A Discord message reduced to the facts that decide whether and what Oh-LoRA answers."""
 
+    message_id: int
     author_id: int
     author_is_bot: bool
     """Other bots and webhooks, and her own messages: answering them could start a loop."""
@@ -84,17 +114,36 @@ class InboundMessage:
     replies_to_bot: bool
     mentions_everyone: bool
     text: str
-    """The content without her own mentions."""
+    """The content without her own mentions; for a forward, the forwarded message's."""
+    has_media: bool
+    """Attachments or stickers (the forwarded message's, for a forward), which she cannot read."""
+    forwarded: bool
+    """Someone else's message passed on: its words are answered, never kept as the sender's memory."""
 
     @classmethod
     def from_discord(cls, message: discord.Message, me: discord.abc.User) -> InboundMessage:
-        """`me` is the bot's own user. Users may also mention the role Discord made for the bot."""
+        """`me` is the bot's own user. Users may also mention the role Discord made for the bot.
+
+        A forward carries the forwarded message as a snapshot and has no content of its own. Only
+        the forwarder's own message can speak to her: a mention inside the forwarded words was
+        written to someone else.
+        """
         guild = message.guild
         bot_role = guild.self_role if guild is not None else None
         bot_role_id = bot_role.id if bot_role is not None else None
-        referenced = message.reference.resolved if message.reference is not None else None
+        reference = message.reference
+        is_reply = reference is not None and reference.type is discord.MessageReferenceType.reply
+        referenced = reference.resolved if reference is not None and is_reply else None
+        snapshots = message.message_snapshots
+        if snapshots:
+            content = "\n".join(snapshot.content for snapshot in snapshots)
+            has_media = any(snapshot.attachments or snapshot.stickers for snapshot in snapshots)
+        else:
+            content = message.content
+            has_media = bool(message.attachments or message.stickers)
         channel = message.channel
         return cls(
+            message_id=message.id,
             author_id=message.author.id,
             author_is_bot=message.author.bot,
             channel_id=channel.id,
@@ -105,28 +154,47 @@ class InboundMessage:
             or (bot_role_id is not None and bot_role_id in message.raw_role_mentions),
             replies_to_bot=isinstance(referenced, discord.Message) and referenced.author.id == me.id,
             mentions_everyone=message.mention_everyone,
-            text=strip_mention(message.content, me.id, bot_role_id),
+            text=strip_mention(content, me.id, bot_role_id),
+            has_media=has_media,
+            forwarded=bool(snapshots),
         )
+
+    @property
+    def media_only(self) -> bool:
+        """A picture, a sticker or a file without a word: she answers with `TEXT_ONLY_TEXT`."""
+        return self.has_media and not self.text
 
     def to_incoming(self) -> IncomingMessage:
         return IncomingMessage(
-            platform=PLATFORM, user_id=str(self.author_id), chat_id=str(self.channel_id), text=self.text
+            platform=PLATFORM,
+            user_id=str(self.author_id),
+            chat_id=str(self.channel_id),
+            text=self.text,
+            event_id=str(self.message_id),
+            forwarded=self.forwarded,
         )
 
 
 async def should_answer(message: InboundMessage, channel_allowed: Callable[[str], Awaitable[bool]]) -> bool:
-    """Her manners: always in DMs; in servers when spoken to, or anywhere an admin allowed.
+    """Her manners: always in DMs; in servers when spoken to, or to words anywhere an admin allowed.
 
-    `channel_allowed` is only awaited when the answer depends on it, so the many server
-    messages that are not for her cost no storage read. An @everyone/@here announcement is not
-    talking to her, even in an allowed channel.
+    Every server message from a person reads the allowlist once (twice in a thread of a channel
+    that is not allowed), even one that mentions her: a user's messages in one channel then take
+    the same awaits before `Commands.chat`, which is what keeps them in the order they arrived.
+    In an allowed channel she joins conversations, so a picture or a sticker nobody addressed to
+    her is left alone, and an @everyone/@here announcement is not talking to her.
     """
     if message.author_is_bot or message.is_system:
         return False
-    if message.in_dm or message.mentions_bot or message.replies_to_bot:
+    if message.in_dm:
         return True
-    if message.mentions_everyone:
-        return False
+    allowed = await _in_allowed_channel(message, channel_allowed)
+    if message.mentions_bot or message.replies_to_bot:
+        return True
+    return allowed and bool(message.text) and not message.mentions_everyone
+
+
+async def _in_allowed_channel(message: InboundMessage, channel_allowed: Callable[[str], Awaitable[bool]]) -> bool:
     for channel_id in (message.channel_id, message.parent_channel_id):
         if channel_id is not None and await channel_allowed(str(channel_id)):
             return True
@@ -176,6 +244,15 @@ def fit_message(text: str, limit: int = MESSAGE_LIMIT) -> str:
     return parts[0] + "\n…" if len(parts) > 1 else parts[0]
 
 
+def nonce_for(message_id: int, part: int) -> str:
+    """The nonce of part `part` of the answer to `message_id`: at most 25 characters, as Discord wants.
+
+    The same answer part always gets the same nonce, so Discord (discord.py sends `enforce_nonce`
+    with every nonce) returns the message already posted instead of posting it again.
+    """
+    return f"{message_id}.{part}"
+
+
 def suggestions(options: Iterable[str], current: str) -> list[app_commands.Choice[str]]:
     """Autocomplete: the options containing what was typed so far, ignoring case and spaces."""
     typed = "".join(current.split()).casefold()
@@ -205,54 +282,192 @@ def upload_limit(guild: discord.Guild | None) -> int:
     return guild.filesize_limit if guild is not None else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 
 
+def discord_user_ids(admin_ids: Iterable[str]) -> list[int]:
+    """The Discord accounts among OHLORA_ADMIN_IDS (`discord:<id>`), in a stable order."""
+    ids = {key.removeprefix(f"{PLATFORM}:") for key in admin_ids if key.startswith(f"{PLATFORM}:")}
+    return sorted(int(value) for value in ids if value.isdigit())
+
+
+# --------------------------------------------------------------------------------------------
+# Messages: delivery
+
+
+@dataclass(frozen=True)
+class ReplyTarget:
+    """Where an answer goes: a channel, and the message it answers (which may be gone by then)."""
+
+    channel: discord.abc.Messageable
+    channel_id: int
+    message_id: int
+    guild: discord.Guild | None
+
+    @classmethod
+    def of(cls, message: discord.Message) -> ReplyTarget:
+        return cls(message.channel, message.channel.id, message.id, message.guild)
+
+    def reference(self) -> discord.MessageReference:
+        """`fail_if_not_exists=False`: a user who deleted the message while she was thinking still
+        gets the answer, as a plain message."""
+        return discord.MessageReference(
+            message_id=self.message_id,
+            channel_id=self.channel_id,
+            guild_id=self.guild.id if self.guild is not None else None,
+            fail_if_not_exists=False,
+        )
+
+
+def typing_in(channel: discord.abc.Messageable) -> Working:
+    """Shows "typing…" in `channel` while a turn runs; an indicator that fails costs the dots, not the turn."""
+
+    @asynccontextmanager
+    async def typing() -> AsyncIterator[None]:
+        indicator = channel.typing()
+        shown = True
+        try:
+            await indicator.__aenter__()
+        except SEND_ERRORS as error:
+            logger.debug("Discord: no typing indicator in this channel: %r", error)
+            shown = False
+        try:
+            yield
+        finally:
+            if shown:
+                await indicator.__aexit__(None, None, None)
+
+    return typing
+
+
+class Delivery:
+    """Sends a reply: text in parts Discord accepts, her face on the first, and what to do when a send fails.
+
+    discord.py's `HTTPClient.request` (discord/http.py, 2.7) already makes up to five tries of every
+    request: after a 429 it sleeps the `retry_after` Discord sent (and it waits out exhausted
+    buckets and the global limit before sending at all), after a 500/502/504/524 it sleeps 1, 3,
+    5, 7 s, and only then raises. It does not retry a dropped connection or a timeout (only
+    ECONNRESET under its macOS/Windows numbers 54/10054, not Linux's), and such a request may
+    well have reached Discord. Those are retried here, with the same nonce, so Discord hands back
+    the message it already posted instead of posting a second one.
+
+    What is left is Discord saying no. A face that cannot be sent (too large, a failed upload, no
+    Attach Files permission) costs the picture: the text goes alone. No permission to write at
+    all is logged once per channel and not retried. Nothing here ever turns a failed send into an
+    apology: the answer existed, and a second message would only add to whatever went wrong.
+    """
+
+    def __init__(self) -> None:
+        self._forbidden: set[int] = set()
+        """Channels where writing was refused and the log has said so."""
+
+    async def send(self, target: ReplyTarget, reply: Reply) -> None:
+        parts = split_message(reply.text)
+        image = self._attachable(reply.image, target)
+        try:
+            await self._first(target, parts[0] if parts else None, image)
+            for index, part in enumerate(parts[1:], start=1):
+                await self._post(target, index, content=part)
+        except discord.Forbidden as error:
+            self._refused(target, error)
+        except SEND_ERRORS as error:
+            logger.warning("Discord: the answer to message %s did not go out: %r", target.message_id, error)
+        else:
+            self._forbidden.discard(target.channel_id)
+
+    async def _first(self, target: ReplyTarget, text: str | None, image: RenderedFace | None) -> None:
+        if image is None:
+            if text is not None:
+                await self._post(target, 0, content=text)
+            return
+        try:
+            await self._post(target, 0, content=text, image=image)
+        except discord.HTTPException as error:
+            if text is None:
+                raise
+            logger.warning(
+                "Discord: her face did not go out in channel %s (%s, code %s); sending the text alone",
+                target.channel_id,
+                error.status,
+                error.code,
+            )
+            await self._post(target, 0, content=text)
+
+    @staticmethod
+    async def _post(target: ReplyTarget, part: int, *, content: str | None, image: RenderedFace | None = None) -> None:
+        """One message; the first part answers the user's message."""
+        fields: dict[str, Any] = {"nonce": nonce_for(target.message_id, part)}
+        if part == 0:
+            fields["reference"] = target.reference()
+        if content is not None:
+            fields["content"] = content
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(SEND_ATTEMPTS),
+            wait=wait_exponential(multiplier=0.5, max=4.0),
+            retry=retry_if_exception_type(NETWORK_ERRORS),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if image is not None:
+                    fields["file"] = face_file(image)  # a fresh file each try: a failed upload read it
+                await target.channel.send(**fields)
+
+    @staticmethod
+    def _attachable(image: RenderedFace | None, target: ReplyTarget) -> RenderedFace | None:
+        if image is None:
+            return None
+        size, limit = len(image.data), upload_limit(target.guild)
+        if size > limit:
+            logger.warning("Discord: a face of %d bytes is over the upload limit of %d bytes", size, limit)
+            return None
+        return image
+
+    def _refused(self, target: ReplyTarget, error: discord.Forbidden) -> None:
+        if target.channel_id in self._forbidden:
+            logger.debug("Discord: still no permission to write in channel %s", target.channel_id)
+            return
+        self._forbidden.add(target.channel_id)
+        logger.warning(
+            "Discord: no permission to write in channel %s (%s); her answers there are dropped until it is granted",
+            target.channel_id,
+            error.text or error.status,
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Messages: the client
 
 
-async def send_reply(message: discord.Message, reply: Reply) -> None:
-    """The reply as an answer to `message`: text in parts Discord accepts, her face on the first.
-
-    `fail_if_not_exists=False`: a user who deleted the message while she was thinking still gets
-    the answer, as a plain message.
-    """
-    parts = split_message(reply.text)
-    first: dict[str, Any] = {"reference": message.to_reference(fail_if_not_exists=False)}
-    if parts:
-        first["content"] = parts[0]
-    if reply.image is not None:
-        size, limit = len(reply.image.data), upload_limit(message.guild)
-        if size <= limit:
-            first["file"] = face_file(reply.image)
-        else:
-            logger.warning("Discord: a face of %d bytes is over the upload limit of %d bytes", size, limit)
-    if "content" not in first and "file" not in first:
-        return
-    await message.channel.send(**first)
-    for part in parts[1:]:
-        await message.channel.send(part)
-
-
 class OhloraClient(discord.Client):
-    """The gateway connection: answers messages and carries the slash command tree."""
+    """The gateway connection: answers messages, finishes the inbox, and carries the slash command tree."""
 
     def __init__(
         self,
         commands: Commands,
+        inbox: Inbox,
         *,
         intents: discord.Intents | None = None,
         sync_guild_id: int | None = None,
     ) -> None:
         super().__init__(intents=intents or default_intents(), allowed_mentions=SAFE_MENTIONS)
         self._commands = commands
+        self._inbox = inbox
+        self._delivery = Delivery()
         self._sync_guild_id = sync_guild_id
         self._synced = False
+        self._inbox_finished = False
         self._closing = False
         self._in_flight: set[asyncio.Task[Any]] = set()
         self.tree = OhloraTree(self, commands)
 
     async def on_ready(self) -> None:
-        """Publish the slash commands once per process (`on_ready` fires again on every resume)."""
+        """Once per process (`on_ready` fires again on every resume): publish the slash commands
+        and finish what an earlier process left in the inbox."""
         logger.info("Discord: connected as %s (id %s)", self.user, self.user.id if self.user else "?")
+        await self._publish_commands()
+        if not self._inbox_finished:
+            self._inbox_finished = True
+            await self._finish_inbox()
+
+    async def _publish_commands(self) -> None:
         if self._synced:
             return
         self._synced = True
@@ -271,30 +486,36 @@ class OhloraClient(discord.Client):
         logger.info("Discord: %d slash commands published", len(synced))
 
     async def on_message(self, message: discord.Message) -> None:
-        if self._closing or self.user is None:
+        if self.user is None:
             return
-        inbound = InboundMessage.from_discord(message, self.user)
-        async with self._commands.in_order(f"{PLATFORM}:{message.author.id}"):
+        task = asyncio.current_task()
+        assert task is not None  # discord.py runs every event handler as a task
+        self._in_flight.add(task)
+        try:
+            inbound = InboundMessage.from_discord(message, self.user)
             if not await should_answer(inbound, self._channel_allowed):
                 return
-            task = asyncio.current_task()
-            assert task is not None  # discord.py runs every event handler as a task
-            self._in_flight.add(task)
-            try:
-                reply = await self._turn(inbound.to_incoming(), message.channel.typing)
-                if reply is not None:
-                    await send_reply(message, reply)
-            except discord.HTTPException as error:
-                logger.warning("Discord: could not answer in channel %s: %s", message.channel.id, error)
-            finally:
-                self._in_flight.discard(task)
+            if not await self._receive(message, inbound):
+                return
+            if self._closing:
+                return  # kept in the inbox: the next start answers it
+            await self._answer(message, inbound)
+        finally:
+            self._in_flight.discard(task)
 
     async def finish_turns(self, grace_s: float) -> None:
-        """Take no new messages; give the turns in flight `grace_s` to reply, then cancel them."""
+        """Take no new turns; give those in flight `grace_s` to reply, then cancel them.
+
+        A message that arrives meanwhile is still written to the inbox (the next start answers
+        it). A cancelled turn leaves its inbox row unfinished, and a reply computed before the
+        cancel stays with it, to be delivered by the next start.
+        """
         self._closing = True
-        if not self._in_flight:
-            return
-        _, late = await asyncio.wait(set(self._in_flight), timeout=grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self._in_flight and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._in_flight), timeout=left)
+        late = set(self._in_flight)
         if late:
             logger.warning("Discord: cancelling %d turn(s) still running at shutdown", len(late))
             for task in late:
@@ -304,15 +525,121 @@ class OhloraClient(discord.Client):
     async def _channel_allowed(self, channel_id: str) -> bool:
         return await self._commands.is_channel_allowed(PLATFORM, channel_id)
 
-    async def _turn(
-        self, message: IncomingMessage, typing: Callable[[], AbstractAsyncContextManager[object]]
-    ) -> Reply | None:
-        """The turn, or an apology when something outside the engine broke (the engine never raises)."""
+    async def _receive(self, message: discord.Message, inbound: InboundMessage) -> bool:
+        """Into the inbox; False for a message already received (a replayed gateway event).
+
+        The inbox is what makes an answer survive a restart, not what allows one: when it cannot
+        be written, the message is answered all the same.
+        """
+        arrival = Arrival(
+            event_id=str(inbound.message_id),
+            user_key=user_key(PLATFORM, str(inbound.author_id)),
+            payload={
+                "channel_id": inbound.channel_id,
+                "message_id": inbound.message_id,
+                "guild_id": message.guild.id if message.guild is not None else None,
+            },
+        )
         try:
-            return await self._commands.chat(message, typing)
+            (fresh,) = await self._inbox.receive([arrival])
         except Exception:
-            logger.exception("Discord: the turn of %s failed", message.user_key)
+            logger.exception("Discord: could not write message %s to the inbox; answering it anyway", arrival.event_id)
+            return True
+        if not fresh:
+            logger.info("Discord: message %s arrived again; it was answered or is being answered", arrival.event_id)
+        return fresh
+
+    async def _answer(self, message: discord.Message, inbound: InboundMessage) -> None:
+        """A received message's turn, its delivery, then its inbox row finished."""
+        event_id = str(message.id)
+        reply = await self._turn(inbound, message)
+        if reply is not None:
+            await self._inbox_step("keep the reply to", event_id, self._inbox.keep_reply(event_id, reply))
+            await self._delivery.send(ReplyTarget.of(message), reply)
+        await self._inbox_step("finish", event_id, self._inbox.done(event_id))
+
+    async def _turn(self, inbound: InboundMessage, message: discord.Message) -> Reply | None:
+        """The turn (for a picture alone, the text-only notice), or an apology when something
+        outside the engine broke (the engine never raises)."""
+        incoming = inbound.to_incoming()
+        try:
+            if inbound.media_only:
+                return await self._commands.media_only(incoming)
+            return await self._commands.chat(incoming, typing_in(message.channel))
+        except Exception:
+            logger.exception("Discord: the turn of %s failed", incoming.user_key)
             return Reply(text=ERROR_TEXT, kind=ReplyKind.ERROR)
+
+    @staticmethod
+    async def _inbox_step(step: str, event_id: str, write: Awaitable[None]) -> None:
+        """An inbox write after the message was received: a failure is logged, the answer still goes."""
+        try:
+            await write
+        except Exception:
+            logger.exception("Discord: could not %s message %s in the inbox", step, event_id)
+
+    async def _finish_inbox(self) -> None:
+        """Finish what an earlier process received and did not deliver, oldest first.
+
+        Each event is looked up in turn, so its turn is started (and takes its place in its user's
+        line) in the order the events arrived; the turns then run side by side, as live ones do.
+        """
+        try:
+            unfinished = await self._inbox.unfinished()
+        except Exception:
+            logger.exception("Discord: could not read the inbox; what was left unanswered waits for the next start")
+            return
+        if unfinished:
+            logger.info("Discord: finishing %d message(s) left from before the restart", len(unfinished))
+        started: list[asyncio.Task[None]] = []
+        for pending in unfinished:
+            if self._closing:
+                break
+            event_id = pending.event.event_id
+            try:
+                work = await self._recovery_of(pending)
+            except (discord.NotFound, discord.Forbidden) as error:
+                logger.info("Discord: message %s is gone or out of reach (%s); nothing to answer", event_id, error)
+                work = None
+            except Exception:
+                logger.exception("Discord: could not finish message %s; giving it up", event_id)
+                work = None
+            if work is None:
+                await self._inbox_step("finish", event_id, self._inbox.done(event_id))
+            else:
+                started.append(self._start(work))
+        await asyncio.gather(*started, return_exceptions=True)
+
+    async def _recovery_of(self, pending: PendingEvent) -> Coroutine[Any, Any, None] | None:
+        """What finishes one event: a delivery, a notice, or a turn; None when there is nothing to do."""
+        assert self.user is not None  # on_ready comes after login
+        payload = Inbox.payload_of(pending.event)
+        channel_id, message_id = int(payload["channel_id"]), int(payload["message_id"])
+        channel = await self._channel(channel_id)
+        if channel is None:
+            return None
+        if pending.reply is not None or self._inbox.is_stale(pending.event):
+            reply = pending.reply or Reply(text=RESTARTED_TEXT, kind=ReplyKind.NOTICE)
+            guild = channel.guild if isinstance(channel, discord.abc.GuildChannel | discord.Thread) else None
+            return self._deliver(pending.event.event_id, ReplyTarget(channel, channel_id, message_id, guild), reply)
+        message = await channel.fetch_message(message_id)
+        return self._answer(message, InboundMessage.from_discord(message, self.user))
+
+    async def _channel(self, channel_id: int) -> discord.abc.Messageable | None:
+        """The channel from the cache, else from Discord (a DM is not cached after a restart)."""
+        channel = self.get_channel(channel_id) or await self.fetch_channel(channel_id)
+        return channel if isinstance(channel, discord.abc.Messageable) else None
+
+    async def _deliver(self, event_id: str, target: ReplyTarget, reply: Reply) -> None:
+        await self._delivery.send(target, reply)
+        await self._inbox_step("finish", event_id, self._inbox.done(event_id))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """`work` as a task that shutdown waits for (and cancels after the grace period), like a live turn."""
+        task = asyncio.create_task(work)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return task
 
 
 class DiscordAdapter:
@@ -320,7 +647,8 @@ class DiscordAdapter:
 
     `start()` logs in (a refused token raises `BotLoginFailed` right there) and leaves the
     gateway connection running as a background task; `close()` lets the turns in flight reply
-    for `shutdown_grace_s`, then disconnects.
+    for `shutdown_grace_s`, then disconnects. With `alerts`, operator alarms reach the Discord
+    accounts in OHLORA_ADMIN_IDS by DM.
     """
 
     def __init__(
@@ -328,14 +656,19 @@ class DiscordAdapter:
         commands: Commands,
         settings: Settings,
         *,
+        inbox: Inbox,
+        alerts: AdminAlerts | None = None,
         intents: discord.Intents | None = None,
         sync_guild_id: int | None = None,
         shutdown_grace_s: float = 5.0,
     ) -> None:
         self._settings = settings
         self._shutdown_grace_s = shutdown_grace_s
-        self.client = OhloraClient(commands, intents=intents, sync_guild_id=sync_guild_id)
+        self._admins = discord_user_ids(settings.admin_ids)
+        self.client = OhloraClient(commands, inbox, intents=intents, sync_guild_id=sync_guild_id)
         self._gateway: asyncio.Task[None] | None = None
+        if alerts is not None:
+            alerts.add_channel(self.notify_admins)
 
     async def start(self) -> None:
         token = self._settings.discord_token
@@ -359,6 +692,16 @@ class DiscordAdapter:
             self._gateway.cancel()
             await asyncio.gather(self._gateway, return_exceptions=True)
             self._gateway = None
+
+    async def notify_admins(self, text: str) -> None:
+        """An alarm, by DM to every Discord account in OHLORA_ADMIN_IDS; one unreachable admin does
+        not keep it from the others."""
+        for admin_id in self._admins:
+            try:
+                admin = self.client.get_user(admin_id) or await self.client.fetch_user(admin_id)
+                await admin.send(fit_message(text))
+            except SEND_ERRORS as error:
+                logger.warning("Discord: could not tell admin %s about an alarm: %r", admin_id, error)
 
 
 def _report_gateway_end(task: asyncio.Task[None]) -> None:
@@ -400,10 +743,16 @@ Channel = discord.TextChannel | discord.VoiceChannel | discord.Thread
 
 
 async def respond(
-    interaction: discord.Interaction, result: CommandResult, *, view: discord.ui.View | None = None
+    interaction: discord.Interaction, result: CommandResult | None, *, view: discord.ui.View | None = None
 ) -> None:
     """Answer privately, exactly once: the interaction's response (or the followup a deferral
-    waits for) carries the first part with the face and the view, further parts follow it."""
+    waits for) carries the first part with the face and the view, further parts follow it.
+
+    `None` is `Commands` staying silent (a blocked user already told, a flood already warned);
+    an interaction left unanswered shows the user an error, so it gets `NOT_NOW_TEXT`.
+    """
+    if result is None:
+        result = CommandResult(NOT_NOW_TEXT, ok=False)
     parts = split_message(result.text)
     first: dict[str, Any] = {"ephemeral": True}
     if parts:
@@ -560,20 +909,34 @@ def user_commands(commands: Commands) -> list[app_commands.Command[Any, Any, Non
 
 
 def admin_commands(commands: Commands) -> app_commands.Group:
-    """`/admin …`: visible to everyone, refused by `Commands` unless the caller is an admin.
+    """`/admin …`: visible to everyone, refused by `Commands` unless the caller may use it.
+
+    Two kinds: this server's own settings (`channel`, `face`) for its Manage Server members and
+    the bot's admins; everything about users (`memory`, `block`, `unblock`) and the service
+    (`stats`) for OHLORA_ADMIN_IDS alone, since a user's memories and a block reach every server
+    and every DM. Every answer is ephemeral.
 
     No `default_permissions`: that would hide the group from OHLORA_ADMIN_IDS admins who lack
     Manage Server in this guild.
     """
-    admin = app_commands.Group(name="admin", description="관리자 명령 (서버 관리 권한 또는 OHLORA_ADMIN_IDS)")
+    admin = app_commands.Group(
+        name="admin", description="관리자 명령 (채널·얼굴: 서버 관리 권한, 사용자·통계: OHLORA_ADMIN_IDS)"
+    )
     channel_group = app_commands.Group(name="channel", description="멘션 없이도 대답하는 채널", parent=admin)
     face_group = app_commands.Group(name="face", description="이 채널에서 쓰는 얼굴", parent=admin)
     memory_group = app_commands.Group(name="memory", description="사용자의 기억 보기와 지우기", parent=admin)
 
     async def allow(interaction: discord.Interaction, channel: Channel | None, allowed: bool) -> None:
         caller = caller_of(interaction)
-        channel_id = str(channel.id) if channel is not None else caller.chat_id
-        await respond(interaction, await commands.allow_channel(caller, channel_id, allowed))
+        if channel is None:
+            result = await commands.allow_channel(caller, caller.chat_id, allowed)
+        elif commands.may_manage_chat(caller) and channel.guild.id != interaction.guild_id:
+            # Manage Server covers this server's channels (and a DM has none). Asked after who
+            # may manage, so that everyone else gets the refusal `Commands` gives them.
+            result = CommandResult(OTHER_SERVER_TEXT, ok=False)
+        else:
+            result = await commands.allow_channel(caller, str(channel.id), allowed)
+        await respond(interaction, result)
 
     @channel_group.command(name="allow", description="이 채널(또는 고른 채널)에서 멘션 없이도 대답하기")
     @app_commands.describe(channel="대상 채널 (비워 두면 이 채널)")

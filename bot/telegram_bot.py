@@ -26,7 +26,7 @@ from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes, MessageHandler, filters
 
 from bot.alerts import AdminAlerts
-from bot.commands import NOT_ADMIN_TEXT, PRIVATE_ONLY_TEXT, TEXT_ONLY_TEXT, Caller, CommandResult, Commands
+from bot.commands import NOT_ADMIN_TEXT, PRIVATE_ONLY_TEXT, Caller, CommandResult, Commands
 from bot.errors import BotLoginFailed
 from bot.inbox import RESTARTED_TEXT, Inbox
 from bot.telegram_delivery import Destination, RetryPolicy, TelegramDelivery
@@ -61,7 +61,7 @@ from bot.telegram_rules import (
 )
 from core.config import Settings
 from core.engine import ERROR_TEXT
-from core.types import RenderedFace
+from core.types import IncomingMessage, RenderedFace
 
 logger = logging.getLogger(__name__)
 
@@ -319,8 +319,13 @@ class TelegramAdapter:
 
     async def _on_media(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.message
-        if message is not None and is_text_only_notice_due(message, self.identity):
-            await self._deliver(message, TEXT_ONLY_TEXT)
+        if message is None or not is_text_only_notice_due(message, self.identity):
+            return
+        caller = caller_of(message)
+        incoming = IncomingMessage(PLATFORM, caller.user_id, caller.chat_id, text="", event_id=str(update.update_id))
+        reply = await self._commands.media_only(incoming)
+        if reply is not None:
+            await self._deliver(message, reply.text)
 
     async def _on_migration(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """The old group's last word: it became a supergroup, so its data moves to the new id."""

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from bot.commands import BLOCKED_TEXT, NO_MEMORIES_TEXT, NOT_ADMIN_TEXT, CommandResult, Commands
+from bot.commands import BLOCKED_TEXT, NO_MEMORIES_TEXT, NOT_ADMIN_TEXT, NOT_NOW_TEXT, CommandResult, Commands
 from bot.discord_bot import (
     BAD_ARGUMENT_TEXT,
     COMMAND_ERROR_TEXT,
@@ -42,11 +42,13 @@ from bot.discord_bot import (
     suggestions,
 )
 from bot.errors import BotLoginFailed
+from bot.inbox import Inbox
 from core.config import Settings
 from core.types import Task
 from tests.discord_harness import (
     PNG_SIGNATURE,
     SETTLE_TIMEOUT_S,
+    FakeChannel,
     FakeInteraction,
     SentRecorder,
     autocomplete,
@@ -114,6 +116,7 @@ def test_fit_message_marks_what_it_cut() -> None:
 
 def _inbound(**changes: Any) -> InboundMessage:
     base = InboundMessage(
+        message_id=500000000000000001,
         author_id=ALICE.id,
         author_is_bot=False,
         channel_id=CHANNEL_ID,
@@ -124,6 +127,8 @@ def _inbound(**changes: Any) -> InboundMessage:
         replies_to_bot=False,
         mentions_everyone=False,
         text="안녕",
+        has_media=False,
+        forwarded=False,
     )
     return replace(base, **changes)
 
@@ -153,20 +158,30 @@ class Allowlist:
         ({"is_system": True}, (CHANNEL_ID,), False),
         ({"mentions_everyone": True}, (CHANNEL_ID,), False),
         ({"mentions_everyone": True, "mentions_bot": True}, (), True),
+        ({"text": "", "has_media": True}, (CHANNEL_ID,), False),
+        ({"text": "", "has_media": True, "mentions_bot": True}, (), True),
+        ({"text": "", "has_media": True, "replies_to_bot": True}, (), True),
+        ({"text": "", "has_media": True, "in_dm": True}, (), True),
+        ({"text": "남이 한 말", "forwarded": True}, (CHANNEL_ID,), True),
+        ({"text": "남이 한 말", "forwarded": True}, (), False),
     ],
 )
 async def test_should_answer(changes: dict[str, Any], allowed: tuple[int, ...], expected: bool) -> None:
     assert await should_answer(_inbound(**changes), Allowlist(*allowed)) is expected
 
 
-async def test_should_answer_reads_the_allowlist_only_when_it_decides() -> None:
+async def test_should_answer_reads_the_allowlist_once_for_every_server_message_from_a_person() -> None:
+    """No read where it cannot matter (DMs, bots); one for every other server message, mention or
+    not, so that a user's messages in a channel wait for the same things and keep their order."""
     allowlist = Allowlist()
     assert await should_answer(_inbound(in_dm=True), allowlist)
-    assert await should_answer(_inbound(mentions_bot=True), allowlist)
     assert not await should_answer(_inbound(author_is_bot=True), allowlist)
+    assert not await should_answer(_inbound(is_system=True), allowlist)
     assert allowlist.asked == []
-    assert not await should_answer(_inbound(), allowlist)
+    assert await should_answer(_inbound(mentions_bot=True), allowlist)
     assert allowlist.asked == [str(CHANNEL_ID)]
+    assert not await should_answer(_inbound(), allowlist)
+    assert allowlist.asked == [str(CHANNEL_ID)] * 2
 
 
 def test_an_inbound_message_becomes_an_incoming_message_of_its_author_and_channel() -> None:
@@ -178,6 +193,8 @@ def test_an_inbound_message_becomes_an_incoming_message_of_its_author_and_channe
         "떡볶이 좋아해",
     )
     assert incoming.user_key == f"discord:{ALICE.id}"
+    assert incoming.event_id == "500000000000000001" and not incoming.forwarded
+    assert _inbound(forwarded=True).to_incoming().forwarded
 
 
 def test_suggestions_match_what_was_typed_ignoring_case_and_spaces() -> None:
@@ -217,8 +234,13 @@ def _bot(harness: Harness) -> Bot:
         admin_ids=frozenset({f"discord:{LISTED_ADMIN.id}"}),
         model_profile="tiny",
     )
-    adapter = DiscordAdapter(commands, settings(), intents=discord.Intents.all())
+    adapter = DiscordAdapter(commands, settings(), inbox=Inbox(harness.store, "discord"), intents=discord.Intents.all())
     return Bot(harness, commands, adapter.client)
+
+
+def adapter_of(bot: Bot, token: str | None = None) -> DiscordAdapter:
+    """A second adapter over the bot's commands and store, for the life-cycle tests."""
+    return DiscordAdapter(bot.commands, settings(token), inbox=Inbox(bot.harness.store, "discord"))
 
 
 def settings(token: str | None = None) -> Settings:
@@ -244,6 +266,10 @@ def member_interaction(user: discord.abc.Snowflake, **changes: Any) -> FakeInter
 
 def mod_interaction(**changes: Any) -> FakeInteraction:
     return member_interaction(MOD, permissions=discord.Permissions(manage_guild=True), **changes)
+
+
+def listed_admin_interaction() -> FakeInteraction:
+    return member_interaction(LISTED_ADMIN)
 
 
 async def tell(bot: Bot, user: discord.abc.Snowflake, text: str, channel_id: int = CHANNEL_ID) -> None:
@@ -371,8 +397,7 @@ async def test_bots_and_her_own_messages_are_ignored_even_where_she_would_answer
 
 
 async def test_a_blocked_user_gets_one_notice_then_silence_until_unblocked(world: World) -> None:
-    moderator = world.interaction(world.bob, manage_guild=True)
-    await invoke(world.bot.tree, "admin block", moderator, user=world.alice)
+    await invoke(world.bot.tree, "admin block", listed_admin_interaction(), user=world.alice)
     mention = f"<@{world.me.id}> 안녕"
 
     world.recorder.events.clear()
@@ -383,8 +408,7 @@ async def test_a_blocked_user_gets_one_notice_then_silence_until_unblocked(world
     assert world.bot.harness.generator.calls == []
     assert "typing" not in world.recorder.events, "a blocked user never sees her typing"
 
-    moderator = world.interaction(world.bob, manage_guild=True)
-    await invoke(world.bot.tree, "admin unblock", moderator, user=world.alice)
+    await invoke(world.bot.tree, "admin unblock", listed_admin_interaction(), user=world.alice)
     await post(mention, channel=world.channel, author=world.alice)
     (answer,) = world.recorder.take()
     assert answer.content and answer.content.startswith("그렇구나!")
@@ -473,52 +497,85 @@ async def test_a_member_without_rights_is_refused_every_admin_command_and_nothin
     assert await _snapshot(bot) == before
 
 
-@pytest.mark.parametrize(
-    "make_interaction",
-    [
-        pytest.param(lambda: mod_interaction(), id="manage_guild"),
-        pytest.param(
-            lambda: member_interaction(MOD, permissions=discord.Permissions(administrator=True)),
-            id="administrator",
-        ),
-        pytest.param(lambda: member_interaction(LISTED_ADMIN), id="OHLORA_ADMIN_IDS"),
-        pytest.param(lambda: FakeInteraction(user=LISTED_ADMIN, channel_id=CHANNEL_ID), id="OHLORA_ADMIN_IDS in a DM"),
-    ],
-)
-async def test_an_admin_can_use_every_admin_command(bot: Bot, make_interaction: Any) -> None:
+SERVER_MANAGERS = [
+    pytest.param(lambda: mod_interaction(), id="manage_guild"),
+    pytest.param(
+        lambda: member_interaction(MOD, permissions=discord.Permissions(administrator=True)), id="administrator"
+    ),
+]
+LISTED_ADMINS = [
+    pytest.param(listed_admin_interaction, id="OHLORA_ADMIN_IDS"),
+    pytest.param(lambda: FakeInteraction(user=LISTED_ADMIN, channel_id=CHANNEL_ID), id="OHLORA_ADMIN_IDS in a DM"),
+]
+BOT_WIDE: list[tuple[str, dict[str, Any]]] = [
+    (path, arguments)
+    for path, arguments in ADMIN_COMMANDS
+    if path.split()[1] in {"memory", "block", "unblock", "stats"}
+]
+
+
+async def _run_as(bot: Bot, make_interaction: Any, path: str, **arguments: Any) -> FakeInteraction:
+    """`/path` by whoever `make_interaction` makes; it must be answered privately and not refused."""
+    interaction = make_interaction()
+    await invoke(bot.tree, path, interaction, **arguments)
+    assert interaction.shown and all(s.ephemeral for s in interaction.shown), path
+    assert NOT_ADMIN_TEXT not in interaction.texts(), path
+    return interaction
+
+
+@pytest.mark.parametrize("make_interaction", [*SERVER_MANAGERS, LISTED_ADMINS[0]])
+async def test_a_server_manager_or_a_listed_admin_sets_this_servers_channels_and_face(
+    bot: Bot, make_interaction: Any
+) -> None:
+    store = bot.harness.store
+    await _run_as(bot, make_interaction, "admin channel allow")
+    assert await store.is_channel_allowed("discord", str(CHANNEL_ID))
+    other = FakeChannel(id=OTHER_CHANNEL_ID, guild=discord.Object(id=GUILD_ID))
+    await _run_as(bot, make_interaction, "admin channel allow", channel=other)
+    assert await store.is_channel_allowed("discord", str(OTHER_CHANNEL_ID))
+    await _run_as(bot, make_interaction, "admin channel deny")
+    assert await store.allowed_channels("discord") == [str(OTHER_CHANNEL_ID)]
+
+    await _run_as(bot, make_interaction, "admin face set", number=FACES[2])
+    assert await store.face_for(f"chat:discord:{CHANNEL_ID}") == FACES[2]
+
+
+@pytest.mark.parametrize("make_interaction", LISTED_ADMINS)
+async def test_a_listed_admin_can_use_the_bot_wide_commands_anywhere(bot: Bot, make_interaction: Any) -> None:
     store = bot.harness.store
     alice = f"discord:{ALICE.id}"
     await tell(bot, ALICE, "나 떡볶이 좋아해")
 
-    async def run(path: str, **arguments: Any) -> FakeInteraction:
-        interaction = make_interaction()
-        await invoke(bot.tree, path, interaction, **arguments)
-        assert interaction.shown and all(s.ephemeral for s in interaction.shown), path
-        assert NOT_ADMIN_TEXT not in interaction.texts(), path
-        return interaction
-
-    await run("admin channel allow")
-    assert await store.is_channel_allowed("discord", str(CHANNEL_ID))
-    await run("admin channel allow", channel=discord.Object(id=OTHER_CHANNEL_ID))
-    assert await store.is_channel_allowed("discord", str(OTHER_CHANNEL_ID))
-    await run("admin channel deny")
-    assert await store.allowed_channels("discord") == [str(OTHER_CHANNEL_ID)]
-
-    await run("admin face set", number=FACES[2])
-    assert await store.face_for(f"chat:discord:{CHANNEL_ID}") == FACES[2]
-
-    viewed = await run("admin memory view", user=ALICE)
+    viewed = await _run_as(bot, make_interaction, "admin memory view", user=ALICE)
     assert "[좋아하는 음식: 떡볶이]" in viewed.texts()[0]
-    await run("admin memory clear", user=ALICE)
+    await _run_as(bot, make_interaction, "admin memory clear", user=ALICE)
     assert await store.memories(alice) == []
 
-    await run("admin block", user=ALICE)
+    await _run_as(bot, make_interaction, "admin block", user=ALICE)
     assert await store.is_blocked(alice)
-    await run("admin unblock", user=ALICE)
+    await _run_as(bot, make_interaction, "admin unblock", user=ALICE)
     assert not await store.is_blocked(alice)
 
-    stats = await run("admin stats")
+    stats = await _run_as(bot, make_interaction, "admin stats")
     assert "turns: 1" in stats.texts()[0]
+
+
+@pytest.mark.parametrize("make_interaction", SERVER_MANAGERS)
+async def test_manage_server_reaches_no_users_data_and_no_stats(bot: Bot, make_interaction: Any) -> None:
+    """A user's memories and a block reach every server and DM: one server's managers have no say."""
+    await tell(bot, ALICE, "나 떡볶이 좋아해")
+    await bot.harness.store.set_blocked(f"discord:{ALICE.id}", True)  # so that unblock would change something
+    before = await _snapshot(bot)
+
+    assert len(BOT_WIDE) == 5
+    for path, arguments in BOT_WIDE:
+        interaction = make_interaction()
+        await invoke(bot.tree, path, interaction, **arguments)
+        assert [(s.via, s.content, s.ephemeral) for s in interaction.shown] == [("response", NOT_ADMIN_TEXT, True)], (
+            path
+        )
+
+    assert await _snapshot(bot) == before
 
 
 async def test_an_unknown_face_number_is_refused_with_the_choices(bot: Bot) -> None:
@@ -545,6 +602,29 @@ async def test_memory_is_private_to_the_caller(bot: Bot) -> None:
     assert [(s.via, s.ephemeral) for s in alices.shown] == [("response", True)]
     assert "[좋아하는 음식: 떡볶이]" in alices.texts()[0]
     assert bobs.texts() == [NO_MEMORIES_TEXT] and bobs.shown[0].ephemeral
+
+
+async def test_a_blocked_users_commands_are_each_answered_and_only_forget_still_works(bot: Bot) -> None:
+    """The block notice is said once; every later interaction still gets an answer, or Discord
+    would show the user an error."""
+    await tell(bot, ALICE, "나 떡볶이 좋아해")
+    await invoke(bot.tree, "admin block", listed_admin_interaction(), user=ALICE)
+    renders = len(bot.harness.renderer.requests)
+
+    shown: dict[str, list[tuple[str, str | None, bool]]] = {}
+    for path in ("memory", "reset", "face"):
+        interaction = member_interaction(ALICE)
+        await invoke(bot.tree, path, interaction)
+        shown[path] = [(s.via, s.content, s.ephemeral) for s in interaction.shown]
+    assert shown == {
+        "memory": [("response", BLOCKED_TEXT, True)],
+        "reset": [("response", NOT_NOW_TEXT, True)],
+        "face": [("defer", None, True), ("followup", NOT_NOW_TEXT, True)],
+    }
+    assert await bot.harness.store.summary(f"discord:{CHANNEL_ID}:{ALICE.id}")  # /reset changed nothing
+    assert len(bot.harness.renderer.requests) == renders  # no face drawn for a blocked user
+
+    await _forget_preview(bot, None)  # a user may always delete what they left
 
 
 async def test_forget_autocomplete_suggests_only_the_callers_keys(bot: Bot) -> None:
@@ -717,7 +797,7 @@ async def test_a_long_result_is_split_into_ephemeral_followups() -> None:
 
 
 async def test_start_logs_in_with_the_token_and_connects_in_the_background(bot: Bot) -> None:
-    adapter = DiscordAdapter(bot.commands, settings("secret-token"))
+    adapter = adapter_of(bot, "secret-token")
     client: Any = adapter.client
     logins: list[str] = []
     connected, closed = asyncio.Event(), asyncio.Event()
@@ -742,7 +822,7 @@ async def test_start_logs_in_with_the_token_and_connects_in_the_background(bot: 
 
 
 async def test_a_refused_token_is_reported_without_the_token(bot: Bot) -> None:
-    adapter = DiscordAdapter(bot.commands, settings("wrong-token"))
+    adapter = adapter_of(bot, "wrong-token")
     client: Any = adapter.client
     closed: list[bool] = []
 
@@ -760,7 +840,7 @@ async def test_a_refused_token_is_reported_without_the_token(bot: Bot) -> None:
 
 
 async def test_start_without_a_token_says_so(bot: Bot) -> None:
-    adapter = DiscordAdapter(bot.commands, settings())
+    adapter = adapter_of(bot)
     with pytest.raises(ValueError, match="DISCORD_TOKEN"):
         await adapter.start()
 
@@ -768,7 +848,7 @@ async def test_start_without_a_token_says_so(bot: Bot) -> None:
 async def test_a_refused_message_content_intent_is_explained_in_the_log(
     bot: Bot, caplog: pytest.LogCaptureFixture
 ) -> None:
-    adapter = DiscordAdapter(bot.commands, settings("token"))
+    adapter = adapter_of(bot, "token")
     client: Any = adapter.client
     failed = asyncio.Event()
 
@@ -849,7 +929,9 @@ async def test_commands_are_published_once_globally_or_to_the_dev_guild(bot: Bot
     assert synced == [None]
 
     synced.clear()
-    dev = OhloraClient(bot.commands, intents=discord.Intents.all(), sync_guild_id=GUILD_ID)
+    dev = OhloraClient(
+        bot.commands, Inbox(bot.harness.store, "discord"), intents=discord.Intents.all(), sync_guild_id=GUILD_ID
+    )
     fake_sync(dev, fail_first=True)
     await dev.on_ready()
     await dev.on_ready()

@@ -5,6 +5,9 @@ against the handlers it registers), on Discord by walking the `/admin` command g
 arguments from each command's parameters. A command added later is covered without touching this
 file. "Nothing changed" is the whole database, dumped before and after.
 
+On Discord, Manage Server covers that server's own settings (`CHAT_SETTINGS`) and nothing else:
+every other admin command, one added later included, is bot-wide and refused to server managers.
+
 Non-admins include the near misses: a Discord member with every permission except Manage Server
 and Administrator, a DM whose interaction claims Administrator, a Telegram reply aimed at another
 user, and a user whose id is an admin's id on the other platform.
@@ -32,13 +35,13 @@ from telegram.ext import CommandHandler, TypeHandler
 
 from bot.commands import NOT_ADMIN_TEXT, Commands
 from bot.discord_bot import DiscordAdapter
+from bot.inbox import Inbox
 from bot.telegram_bot import ADMIN_COMMANDS, PUBLIC_COMMANDS, TelegramAdapter
 from core.config import Settings
-from core.engine import Engine
-from core.store import NewMemory, SqliteStore, TurnRecord
+from core.store import NewMemory, SqliteStore, TurnRecord, chat_scope
 from core.types import ExpressionScores
 from tests import fake_telegram_api
-from tests.discord_harness import FakeInteraction, invoke
+from tests.discord_harness import FakeChannel, FakeInteraction, invoke
 from tests.fake_telegram_api import FakeBotApi, Json, group_chat, user
 from tests.fakes import FACES, Harness, make_harness
 
@@ -56,8 +59,11 @@ GROUP = group_chat()
 GROUP_ID = int(GROUP["id"])
 
 GUILD_ID = 800000000000000001
+OTHER_GUILD_ID = 800000000000000002
 CHANNEL_ID = 700000000000000001
 OTHER_CHANNEL_ID = 700000000000000002
+FOREIGN_CHANNEL_ID = 700000000000000003
+"""A channel of another server the bot is in."""
 MEMBER = discord.Object(id=600000000000000002)
 VICTIM = discord.Object(id=600000000000000001)
 
@@ -67,9 +73,13 @@ VICTIM = discord.Object(id=600000000000000001)
 
 
 def dump(path: Path) -> list[str]:
-    """Every row of every table, and the schema, as SQL text."""
+    """Every row of every table, and the schema, as SQL text.
+
+    The inbox is left out: a refused command is still an event received and finished, which is
+    bookkeeping about delivery, not anyone's data or settings.
+    """
     with closing(sqlite3.connect(path)) as database:
-        return list(database.iterdump())
+        return [line for line in database.iterdump() if not line.startswith('INSERT INTO "inbox"')]
 
 
 async def seed(store: SqliteStore) -> None:
@@ -99,7 +109,7 @@ async def seed(store: SqliteStore) -> None:
     await store.set_blocked("telegram:1002", True)
     await store.set_blocked(f"discord:{VICTIM.id}", True)
     for platform, chat in (("telegram", str(GROUP_ID)), ("telegram", "1001"), ("discord", str(CHANNEL_ID))):
-        await store.set_face(Engine.face_scope(platform, chat), FACES[0])
+        await store.set_face(chat_scope(platform, chat), FACES[0])
     await store.set_channel_allowed("discord", str(OTHER_CHANNEL_ID), True)
 
 
@@ -168,7 +178,7 @@ async def telegram(api: FakeBotApi, harness: Harness) -> AsyncIterator[TelegramB
         discord_token=None,
         admin_ids=ADMIN_IDS,
     )
-    adapter = TelegramAdapter(commands_over(harness), settings)
+    adapter = TelegramAdapter(commands_over(harness), settings, inbox=Inbox(harness.store, "telegram"))
     bot = TelegramBot(api, adapter)
 
     async def mark_handled(update: Update, _: object) -> None:
@@ -246,7 +256,8 @@ async def test_the_same_telegram_commands_from_an_admin_go_through(telegram: Tel
 
 def discord_tree(harness: Harness) -> app_commands.CommandTree:
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    return DiscordAdapter(commands_over(harness), settings, intents=discord.Intents.default()).client.tree
+    inbox = Inbox(harness.store, "discord")
+    return DiscordAdapter(commands_over(harness), settings, inbox=inbox, intents=discord.Intents.default()).client.tree
 
 
 def admin_group(tree: app_commands.CommandTree) -> app_commands.Group:
@@ -257,7 +268,11 @@ def admin_group(tree: app_commands.CommandTree) -> app_commands.Group:
 
 _VALUES: dict[AppCommandOptionType, Sequence[Any]] = {
     AppCommandOptionType.user: (VICTIM, MEMBER),
-    AppCommandOptionType.channel: (discord.Object(id=OTHER_CHANNEL_ID), discord.Object(id=CHANNEL_ID)),
+    AppCommandOptionType.channel: (
+        FakeChannel(id=OTHER_CHANNEL_ID, guild=discord.Object(id=GUILD_ID)),
+        FakeChannel(id=CHANNEL_ID, guild=discord.Object(id=GUILD_ID)),
+        FakeChannel(id=FOREIGN_CHANNEL_ID, guild=discord.Object(id=OTHER_GUILD_ID)),
+    ),
     AppCommandOptionType.integer: (FACES[1], FACES[0], 0),
     AppCommandOptionType.string: ("default", "telegram:1001"),
     AppCommandOptionType.boolean: (True, False),
@@ -340,3 +355,43 @@ async def test_the_same_calls_from_an_admin_do_change_things(harness: Harness, t
             assert NOT_ADMIN_TEXT not in interaction.texts(), command.qualified_name
 
     assert dump(database) != before
+
+
+CHAT_SETTINGS = {"admin channel allow", "admin channel deny", "admin face set"}
+"""What Manage Server lets a member change in that server; every other admin command is bot-wide."""
+
+SERVER_MANAGERS = {
+    "manage server": lambda: FakeInteraction(
+        user=MEMBER, channel_id=CHANNEL_ID, guild_id=GUILD_ID, permissions=discord.Permissions(manage_guild=True)
+    ),
+    "administrator": lambda: FakeInteraction(
+        user=MEMBER, channel_id=CHANNEL_ID, guild_id=GUILD_ID, permissions=discord.Permissions(administrator=True)
+    ),
+}
+
+
+async def test_discord_refuses_every_bot_wide_command_to_server_managers(harness: Harness, tmp_path: Path) -> None:
+    """Anyone's memories, blocks and the service's stats are not one server's to manage."""
+    database = tmp_path / "ohlora.sqlite3"
+    before = dump(database)
+    tree = discord_tree(harness)
+    bot_wide = [
+        command
+        for command in admin_group(tree).walk_commands()
+        if isinstance(command, app_commands.Command) and command.qualified_name not in CHAT_SETTINGS
+    ]
+    assert {"admin memory view", "admin memory clear", "admin block", "admin unblock", "admin stats"} <= {
+        command.qualified_name for command in bot_wide
+    }
+
+    for command in bot_wide:
+        for arguments in argument_sets(command):
+            for who, make_interaction in SERVER_MANAGERS.items():
+                interaction = make_interaction()
+                await invoke(tree, command.qualified_name, interaction, **arguments)
+                shown = [(s.via, s.content, s.ephemeral, s.files) for s in interaction.shown]
+                assert shown == [("response", NOT_ADMIN_TEXT, True, ())], (
+                    f"/{command.qualified_name} {arguments} by {who}"
+                )
+
+    assert dump(database) == before
