@@ -18,7 +18,7 @@ from typing import Any
 
 from core.config import LlmBackend, ModelProfile, Settings
 from core.engine import Engine, EngineOptions
-from core.store import SqliteStore, StoreUnavailable
+from core.store import SqliteStore, StoreError
 from core.types import Models
 from core.worker import InferenceWorker
 
@@ -150,7 +150,8 @@ def _configure_logging(level: str) -> None:
 
 def _database_unusable(settings: Settings) -> bool:
     """Open the database once before the models load (minutes for the real ones), so that a path
-    that cannot hold it is reported at once, plainly, with its own exit code."""
+    that cannot hold it, or a file from a newer version, is reported at once, plainly, with its own
+    exit code."""
 
     async def probe() -> None:
         store = await SqliteStore.open(settings.db_path)
@@ -158,7 +159,7 @@ def _database_unusable(settings: Settings) -> bool:
 
     try:
         asyncio.run(probe())
-    except StoreUnavailable as error:
+    except StoreError as error:
         print(error, file=sys.stderr)
         return True
     return False

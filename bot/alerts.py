@@ -28,13 +28,19 @@ class AdminAlerts:
         self._channels.append(notify)
 
     async def raise_alarm(self, text: str) -> None:
+        """Tell the admins, unless they were told within `every_s`; an alarm nobody received
+        does not count as told."""
         logger.error("alarm for the admins: %s", text)
         now = self._clock()
         if self._last_sent is not None and now - self._last_sent < self._every_s:
             return
-        self._last_sent = now
+        reached = False
         for notify in self._channels:
             try:
                 await notify(text)
             except Exception:
                 logger.exception("could not tell the admins")
+            else:
+                reached = True
+        if reached:
+            self._last_sent = now

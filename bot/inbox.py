@@ -104,6 +104,9 @@ class Inbox:
         self._finishing = None
         try:
             await self._store.finish_events(self._platform, batch.event_ids)
+        except asyncio.CancelledError:
+            batch.written.cancel()  # the waiters must not wait for a write that will never come
+            raise
         except Exception as error:
             batch.written.set_exception(error)
         else:

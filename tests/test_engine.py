@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
+from core import engine as engine_module
 from core import prompts
-from core.engine import BUSY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, EngineOptions
-from core.store import InMemoryStore
-from core.types import IDLE_SCORES, Expression, GenerationRequest, IncomingMessage, ReplyKind, Task
+from core.engine import (
+    BUSY_TEXT,
+    ERROR_TEXT,
+    RATE_LIMIT_TEXT,
+    STORE_FAILED_ALARM,
+    TIMEOUT_TEXT,
+    Engine,
+    EngineOptions,
+    Refused,
+    Working,
+)
+from core.ratelimit import RateLimiter
+from core.store import InboxEvent, InMemoryStore, NewMemory, TurnRecord
+from core.types import IDLE_SCORES, Expression, GenerationRequest, IncomingMessage, Reply, ReplyKind, Task
 from tests.fakes import END, FakeGenerator, FakeRenderer, Harness, make_harness
 
 
@@ -309,3 +324,212 @@ def _seed_summary(conversation_key: str) -> tuple:
 def test_requests_carry_the_spec_settings() -> None:
     request: GenerationRequest = prompts.build_request(Task.EYES_MOUTH_POSE, "x (답변 시작)", num_samples=3)
     assert (request.max_new_tokens, request.temperature, request.num_samples) == (32, 1.5, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Admission, "working…", forwards, storing the turn with its event, the user's line for /face
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingAlarm:
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    async def raise_alarm(self, text: str) -> None:
+        self.texts.append(text)
+
+
+class FlakyStore(InMemoryStore):
+    """Fails the first `failures` commits as a locked or full database does, then works."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts: list[float] = []
+
+    async def commit_turn(self, turn: TurnRecord, new_memory: NewMemory | None) -> None:
+        self.attempts.append(time.monotonic())
+        if len(self.attempts) <= self.failures:
+            raise sqlite3.OperationalError("database is locked")
+        await super().commit_turn(turn, new_memory)
+
+
+def recording_working(events: list[str], name: str) -> Working:
+    @asynccontextmanager
+    async def working() -> AsyncIterator[None]:
+        events.append(f"{name} start")
+        yield
+        events.append(f"{name} stop")
+
+    return working
+
+
+async def wait_for_calls(harness: Harness) -> None:
+    while not harness.generator.calls:
+        await asyncio.sleep(0.01)
+
+
+async def test_admit_refuses_a_flood_with_one_notice_until_admitted_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood costs one notice per window, not one per message, and never another user's turn."""
+    clock = Clock()
+    monkeypatch.setattr(engine_module, "RateLimiter", lambda per_minute: RateLimiter(per_minute, clock))
+    harness = make_harness(options=EngineOptions(rate_limit_per_minute=2))
+    try:
+        admitted = [harness.engine.admit("telegram:alice") for _ in range(2)]
+        refusals = [harness.engine.admit("telegram:alice") for _ in range(3)]
+        other = harness.engine.admit("telegram:bob")
+        clock.now = 60.0
+        again = harness.engine.admit("telegram:alice")
+        clock.now = 60.5
+        harness.engine.admit("telegram:alice")
+        second_flood = [harness.engine.admit("telegram:alice") for _ in range(2)]
+    finally:
+        await harness.worker.stop()
+
+    assert admitted == [None, None] and other is None and again is None
+    assert refusals[0] == Refused(notice=Reply(text=RATE_LIMIT_TEXT, kind=ReplyKind.NOTICE))
+    assert refusals[1:] == [Refused(notice=None)] * 2, "told once, then silence"
+    assert second_flood == [refusals[0], Refused(notice=None)], "after an admitted message, told again once"
+    assert harness.generator.calls == [], "admission decides without touching a model"
+
+
+async def test_working_is_shown_only_once_the_turn_starts() -> None:
+    """Typing… for a message queued behind the user's earlier turn would be shown for nothing, per message."""
+    release = threading.Event()
+    harness = make_harness(generator=FakeGenerator(release=release))
+    events: list[str] = []
+    try:
+        first = asyncio.create_task(harness.engine.reply(message("하나"), recording_working(events, "first")))
+        await wait_for_calls(harness)
+        second = asyncio.create_task(harness.engine.reply(message("둘"), recording_working(events, "second")))
+        other = asyncio.create_task(harness.engine.reply(message("셋", user="bob"), recording_working(events, "bob")))
+        await asyncio.sleep(0.1)
+        while_first_runs = list(events)
+        release.set()
+        replies = await asyncio.gather(first, second, other)
+    finally:
+        release.set()
+        await harness.worker.stop()
+
+    assert while_first_runs == ["first start", "bob start"], "another user's turn starts at once"
+    assert events.index("first stop") < events.index("second start")
+    assert sorted(events) == sorted(
+        f"{name} {edge}" for name in ("first", "second", "bob") for edge in ("start", "stop")
+    )
+    assert all(reply.kind is ReplyKind.ANSWER for reply in replies)
+
+
+async def test_a_forwarded_message_asks_for_no_memory_and_stores_none(harness: Harness) -> None:
+    """Forwarded words are someone else's: "I love tteokbokki" forwarded is not the sender's taste."""
+    forwarded = IncomingMessage(
+        platform="telegram", user_id="alice", chat_id="room", text="나 떡볶이 좋아해", forwarded=True
+    )
+
+    reply = await harness.engine.reply(forwarded)
+
+    assert reply.kind is ReplyKind.ANSWER
+    assert harness.generator.requests_for(Task.MEMORY) == []
+    assert harness.generator.requests_for(Task.OUTPUT_MESSAGE), "a forward is still answered"
+    assert await harness.store.memories("telegram:alice") == []
+
+    await harness.engine.reply(message("나 떡볶이 좋아해"))  # the same words, her own
+    assert [m.text for m in await harness.store.memories("telegram:alice")] == ["[좋아하는 음식: 떡볶이]"]
+
+
+async def test_a_store_failing_briefly_is_retried_with_backoff_and_the_turn_is_kept() -> None:
+    """A database busy for a moment must cost neither the answer nor the turn's memory."""
+    store = FlakyStore(failures=2)
+    alarm = RecordingAlarm()
+    harness = make_harness(store=store)
+    engine = Engine(harness.worker, store, EngineOptions(commit_attempts=3), alarm=alarm)
+    try:
+        reply = await engine.reply(message("나 떡볶이 좋아해"))
+    finally:
+        await harness.worker.stop()
+
+    assert reply.kind is ReplyKind.ANSWER
+    assert len(store.attempts) == 3
+    assert all(later - earlier >= 0.2 for earlier, later in itertools.pairwise(store.attempts)), "no backoff"
+    assert [m.text for m in await store.memories("telegram:alice")] == ["[좋아하는 음식: 떡볶이]"]
+    assert [turn.status for turn in await store.recent_turns("telegram:alice", 10)] == ["ok"]
+    assert alarm.texts == []
+
+
+async def test_a_store_that_keeps_failing_still_answers_and_raises_one_alarm() -> None:
+    """The answer is computed: deliver it, and tell the operators, who alone can free the disk."""
+    store = FlakyStore(failures=100)
+    alarm = RecordingAlarm()
+    harness = make_harness(store=store)
+    engine = Engine(harness.worker, store, EngineOptions(commit_attempts=2), alarm=alarm)
+    try:
+        reply = await engine.reply(message("나 떡볶이 좋아해"))
+    finally:
+        await harness.worker.stop()
+
+    assert reply.kind is ReplyKind.ANSWER and reply.text.startswith("그렇구나!")
+    assert len(store.attempts) == 2, "exactly commit_attempts tries"
+    assert alarm.texts == [STORE_FAILED_ALARM.format(error="database is locked")]
+    assert await store.recent_turns(None, 10) == [] and await store.memories("telegram:alice") == []
+
+
+async def test_the_turns_reply_is_kept_with_its_event() -> None:
+    """After a crash between the turn and its delivery, a restart finds the answer, not the question."""
+    harness = make_harness()
+    await harness.store.receive_events(
+        [InboxEvent(platform="telegram", event_id="42", user_key="telegram:alice", payload="{}", received_at=0.0)]
+    )
+    try:
+        reply = await harness.engine.reply(
+            IncomingMessage(platform="telegram", user_id="alice", chat_id="room", text="안녕", event_id="42")
+        )
+    finally:
+        await harness.worker.stop()
+
+    (pending,) = await harness.store.pending_events("telegram")
+    assert pending.reply is not None
+    assert (pending.reply.text, pending.reply.kind, pending.reply.image) == (reply.text, ReplyKind.ANSWER, reply.image)
+    assert reply.image is not None
+
+
+async def test_render_current_face_waits_in_the_users_line() -> None:
+    """/face sent during a turn shows the face that turn leaves, not the one before it."""
+    release = threading.Event()
+    harness = make_harness(generator=FakeGenerator(release=release))
+    try:
+        turn = asyncio.create_task(harness.engine.reply(message("안녕")))
+        await wait_for_calls(harness)
+        face = asyncio.create_task(harness.engine.render_current_face("telegram", "room", "telegram:alice"))
+        await asyncio.sleep(0.1)
+        waited = not face.done()
+        release.set()
+        reply, image = await turn, await face
+    finally:
+        release.set()
+        await harness.worker.stop()
+
+    assert waited
+    assert reply.scores is not None and reply.image is not None
+    assert [request.scores for request in harness.renderer.requests] == [reply.scores, reply.scores]
+    assert image.face == reply.image.face
+    assert harness.engine.pending_turns == 0
+
+
+async def test_move_chat_takes_the_summary_and_the_face(harness: Harness) -> None:
+    """A Telegram group that became a supergroup goes on with the same summary and face."""
+    await harness.engine.set_face("telegram", "-100", 931)
+    await harness.engine.reply(message("오늘 정말 피곤했어", chat="-100"))
+    summary = await harness.store.summary("telegram:-100:alice")
+
+    await harness.engine.move_chat("telegram", "-100", "-1009")
+    reply = await harness.engine.reply(message("위로해 줘", chat="-1009"))
+
+    assert summary and await harness.store.summary("telegram:-100:alice") == ""
+    assert answer_prompts(harness)[1] == f"(오로라 답변 요약) {summary} (사용자 질문) 위로해 줘 (답변 시작)"
+    assert reply.image is not None and reply.image.face == 931

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import sqlite3
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import numpy as np
@@ -15,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.store import (
+    MIGRATIONS,
     SCHEMA_VERSION,
+    InboxEvent,
     InMemoryStore,
     NewMemory,
     SchemaTooNew,
@@ -23,12 +29,14 @@ from core.store import (
     Store,
     StoredMemory,
     StoreError,
+    StoreUnavailable,
     TurnRecord,
+    chat_scope,
     migrate,
     normalize,
     schema_version,
 )
-from core.types import Expression, ExpressionScores
+from core.types import Expression, ExpressionScores, RenderedFace, Reply, ReplyKind
 
 ALICE = "discord:1"
 BOB = "discord:2"
@@ -584,3 +592,326 @@ async def test_two_processes_writing_the_same_file_both_land(tmp_path: Path) -> 
 
         stats = await first.stats()
     assert (stats.turns_total, stats.users_total, stats.memories_total) == (20, 20, 20)
+
+
+# --------------------------------------------------------------------------------------------
+# The inbox: every event kept from arrival until delivered, on both implementations alike
+
+TG_ALICE = "telegram:1"
+TG_BOB = "telegram:2"
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
+"""An image's bytes with NULs and every byte value: a BLOB must not be read back as text."""
+
+
+def event(
+    event_id: str, user_key: str = TG_ALICE, *, at: float = 1.0, payload: str | None = None, platform: str | None = None
+) -> InboxEvent:
+    return InboxEvent(
+        platform=platform or user_key.split(":")[0],
+        event_id=event_id,
+        user_key=user_key,
+        payload=payload if payload is not None else f'{{"text": "{event_id}번 메시지"}}',
+        received_at=at,
+    )
+
+
+def picture_reply(text: str = "안녕! 😊\n두 번째 줄", kind: ReplyKind = ReplyKind.ANSWER) -> Reply:
+    return Reply(text=text, kind=kind, image=RenderedFace(data=PNG, mime_type="image/png", face=127))
+
+
+def delivered(reply: Reply | None) -> tuple[str, ReplyKind, RenderedFace | None] | None:
+    """What a restart sends: the text, its kind and the picture; the rest of a Reply is not kept."""
+    return None if reply is None else (reply.text, reply.kind, reply.image)
+
+
+def answered_turn(event_id: str, reply: Reply, user_key: str = TG_ALICE, summary: str | None = None) -> TurnRecord:
+    return dataclasses.replace(turn(user_key, chat="telegram:-100", summary=summary), event_id=event_id, reply=reply)
+
+
+async def pending_ids(store: Store, platform: str = "telegram") -> list[str]:
+    return [pending.event.event_id for pending in await store.pending_events(platform)]
+
+
+async def test_a_duplicate_event_is_refused_and_changes_nothing(store: Store) -> None:
+    """Telegram and Discord redeliver: the second copy of an id must not be handled or overwrite the first."""
+    assert await store.receive_events([event("1", payload='{"n": 1}', at=1.0)]) == [True]
+    await store.answer_event("telegram", "1", picture_reply())
+
+    again = [event("1", TG_BOB, payload='{"n": 2}', at=5.0), event("2", at=5.0), event("2", at=6.0)]
+    assert await store.receive_events(again) == [False, True, False]
+    assert await store.receive_events([event("1", platform="discord")]) == [True], "ids are per platform"
+
+    first, second = await store.pending_events("telegram")
+    assert first.event == event("1", payload='{"n": 1}', at=1.0)
+    assert delivered(first.reply) == delivered(picture_reply()), "a duplicate must not reset the kept reply"
+    assert second.event == event("2", at=5.0) and second.reply is None
+
+
+async def test_a_kept_reply_round_trips_exactly(store: Store) -> None:
+    """A restart delivers what was computed before it: text, kind and picture byte for byte."""
+    await store.receive_events([event("1"), event("2"), event("3")])
+    await store.answer_event("telegram", "1", picture_reply())
+    await store.answer_event("telegram", "2", Reply(text="잠깐만 천천히!", kind=ReplyKind.NOTICE))
+
+    one, two, three = await store.pending_events("telegram")
+    assert delivered(one.reply) == ("안녕! 😊\n두 번째 줄", ReplyKind.ANSWER, RenderedFace(PNG, "image/png", 127))
+    assert one.reply is not None and one.reply.image is not None and one.reply.image.data == PNG
+    assert delivered(two.reply) == ("잠깐만 천천히!", ReplyKind.NOTICE, None)
+    assert three.reply is None, "an event not yet answered has no reply"
+
+
+async def test_a_turn_keeps_its_reply_with_its_event(store: Store) -> None:
+    """The answer is kept by the turn's own write, so a crash right after it still delivers it."""
+    await store.receive_events([event("7"), event("8")])
+
+    await store.commit_turn(answered_turn("7", picture_reply()), new_memory("취미", "등산"))
+
+    seven, eight = await store.pending_events("telegram")
+    assert delivered(seven.reply) == delivered(picture_reply())
+    assert eight.reply is None, "only the turn's own event is answered"
+    assert (await store.stats()).turns_total == 1
+
+
+async def test_finished_events_lose_payload_and_reply_but_stay_duplicates(store: Store) -> None:
+    """Nothing the user wrote outlives the delivery, yet a late copy of the event is still recognised."""
+    await store.receive_events([event("1"), event("2"), event("3")])
+    await store.answer_event("telegram", "1", picture_reply())
+
+    await store.finish_events("telegram", ["1", "2", "unknown"])
+    await store.answer_event("telegram", "1", picture_reply("늦은 답"))  # a done event stays done
+    await store.commit_turn(answered_turn("2", picture_reply("늦은 턴")), None)
+
+    assert await pending_ids(store) == ["3"]
+    assert await store.receive_events([event("1"), event("2"), event("3")]) == [False, False, False]
+    assert await pending_ids(store) == ["3"]
+
+
+async def test_pending_events_are_oldest_first_and_per_platform(store: Store) -> None:
+    """A restart answers in the order users wrote; one batch shares its arrival time and keeps its order."""
+    await store.receive_events([event("late", at=3.0), event("early", at=1.0)])
+    await store.receive_events([event(name, at=2.0) for name in ("b", "a", "c")])
+    await store.receive_events([event("100", "discord:1", at=0.5)])
+
+    assert await pending_ids(store) == ["early", "b", "a", "c", "late"]
+    assert await pending_ids(store, "discord") == ["100"]
+    assert await pending_ids(store, "console") == []
+
+
+async def test_prune_removes_only_done_events_older_than_the_cutoff(store: Store) -> None:
+    """Old ids can go (no duplicate comes that late); unanswered events and recent ids must stay."""
+    await store.receive_events([event("old-done", at=1.0), event("cutoff-done", at=10.0), event("new-done", at=20.0)])
+    await store.receive_events([event("old-pending", at=1.0), event("9", "discord:1", at=1.0)])
+    await store.finish_events("telegram", ["old-done", "cutoff-done", "new-done"])
+    await store.finish_events("discord", ["9"])
+
+    assert await store.prune_events("telegram", received_before=10.0) == 1
+    assert await store.prune_events("telegram", received_before=10.0) == 0
+
+    assert await pending_ids(store) == ["old-pending"]
+    fresh = await store.receive_events(
+        [event("old-done"), event("cutoff-done"), event("new-done"), event("9", "discord:1")]
+    )
+    assert fresh == [True, False, False, False], "only the pruned id is new again"
+
+
+async def test_move_chat_takes_summaries_face_and_channel_and_nothing_else(store: Store) -> None:
+    """A group that became a supergroup keeps everything of its own; other chats and platforms keep theirs."""
+    old, new, lookalike = "-100", "-1009", "-1001"
+    for user in (TG_ALICE, TG_BOB):
+        await store.commit_turn(turn(user, chat=f"telegram:{old}", summary=f"{user} 요약"), None)
+    await store.commit_turn(turn(TG_ALICE, chat=f"telegram:{lookalike}", summary="다른 방"), None)
+    await store.commit_turn(turn("discord:1", chat=f"discord:{old}", summary="디스코드"), None)
+    for platform, chat, face in (("telegram", old, 127), ("telegram", lookalike, 931), ("discord", old, 1277)):
+        await store.set_face(chat_scope(platform, chat), face)
+        await store.set_channel_allowed(platform, chat, True)
+
+    await store.move_chat("telegram", old, new)
+
+    for user in (TG_ALICE, TG_BOB):
+        assert await store.summary(conversation(user, f"telegram:{new}")) == f"{user} 요약"
+        assert await store.summary(conversation(user, f"telegram:{old}")) == ""
+    assert await store.summary(conversation(TG_ALICE, f"telegram:{lookalike}")) == "다른 방"
+    assert await store.summary(conversation("discord:1", f"discord:{old}")) == "디스코드"
+    assert await store.face_for(chat_scope("telegram", new)) == 127
+    assert await store.face_for(chat_scope("telegram", old)) is None
+    assert await store.face_for(chat_scope("telegram", lookalike)) == 931
+    assert await store.face_for(chat_scope("discord", old)) == 1277
+    assert await store.allowed_channels("telegram") == [lookalike, new]
+    assert await store.allowed_channels("discord") == [old]
+    # the moved summary is still its user's: /reset and forget reach it
+    assert await store.clear_summaries(TG_ALICE, conversation(TG_ALICE, f"telegram:{new}")) == 1
+
+
+async def test_a_failed_commit_leaves_the_inbox_row_as_it_was(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event is answered only together with its turn: a failed write must not mark it answered."""
+    await store.receive_events([event("1")])
+
+    def broken_log(*args: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(store), "_log_turn", broken_log)
+    with pytest.raises(RuntimeError, match="disk full"):
+        await store.commit_turn(answered_turn("1", picture_reply()), None)
+    monkeypatch.undo()
+
+    (pending,) = await store.pending_events("telegram")
+    assert pending.event == event("1") and pending.reply is None
+    assert (await store.stats()).turns_total == 0
+
+
+async def test_forget_user_redacts_only_that_users_inbox_rows(store: Store) -> None:
+    """Forgetting a user removes what they wrote from the inbox too; other users' deliveries go on."""
+    await store.receive_events([event("1", TG_ALICE), event("2", TG_BOB), event("3", TG_ALICE)])
+    await store.answer_event("telegram", "1", picture_reply("앨리스에게"))
+    await store.answer_event("telegram", "2", picture_reply("밥에게"))
+
+    await store.forget_user(TG_ALICE)
+
+    (bob,) = await store.pending_events("telegram")
+    assert bob.event == event("2", TG_BOB)
+    assert delivered(bob.reply) == delivered(picture_reply("밥에게"))
+    assert await store.receive_events([event("1", TG_ALICE), event("3", TG_ALICE)]) == [False, False]
+
+
+# SQLite only: what is on disk, transactions, migrations, unusable paths
+
+
+def inbox_rows(path: Path) -> dict[str, tuple[object, ...]]:
+    with closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT event_id, state, payload, reply_text, reply_kind, image, image_mime, image_face FROM inbox"
+        ).fetchall()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+async def test_finishing_and_forgetting_leave_no_user_text_in_the_file(tmp_path: Path) -> None:
+    """The promise is about the file on disk, not only what the store hands out."""
+    path = tmp_path / "ohlora.sqlite3"
+    async with await SqliteStore.open(path) as store:
+        await store.receive_events([event("1", TG_ALICE), event("2", TG_ALICE), event("3", TG_BOB)])
+        await store.answer_event("telegram", "1", picture_reply("비밀 답"))
+        await store.answer_event("telegram", "3", picture_reply("밥의 답"))
+        await store.finish_events("telegram", ["1"])
+        await store.forget_user(TG_ALICE)
+
+        rows = inbox_rows(path)
+    gone = ("done", None, None, None, None, None, None)
+    assert rows["1"] == gone and rows["2"] == gone
+    assert rows["3"][:2] == ("answered", event("3", TG_BOB).payload)
+    assert rows["3"][2:] == ("밥의 답", "answer", PNG, "image/png", 127)
+
+
+async def test_sqlite_answers_the_event_only_together_with_the_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the answer is written rolls back the answer with the turn: one transaction."""
+    import core.store.sqlite as sqlite_module
+
+    real_answer = sqlite_module._answer_event
+
+    async def answer_then_fail(conn: aiosqlite.Connection, platform: str, event_id: str, reply: Reply) -> None:
+        await real_answer(conn, platform, event_id, reply)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async with await SqliteStore.open(tmp_path / "ohlora.sqlite3") as store:
+        await store.receive_events([event("1")])
+        monkeypatch.setattr(sqlite_module, "_answer_event", answer_then_fail)
+        with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+            await store.commit_turn(answered_turn("1", picture_reply(), summary="요약"), new_memory("취미", "등산"))
+        monkeypatch.undo()
+
+        (pending,) = await store.pending_events("telegram")
+        assert pending.reply is None
+        assert (await store.stats()).turns_total == 0
+        assert await store.memories(TG_ALICE) == []
+        assert await store.summary(conversation(TG_ALICE, "telegram:-100")) == ""
+
+
+async def test_a_version_1_database_keeps_its_data_when_migrated_to_version_2(tmp_path: Path) -> None:
+    """A deployment upgrading to the inbox must not lose its users' memories, summaries and settings."""
+    path = tmp_path / "v1.sqlite3"
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    assert await migrate(conn, MIGRATIONS[:1]) == 1
+    async with SqliteStore(conn) as v1:
+        await v1.commit_turn(
+            turn(summary="옛 요약", scores=ExpressionScores(0.1, 0.2, 0.3)), new_memory("취미", "등산")
+        )
+        await v1.set_face(chat_scope("discord", "guild"), 127)
+        await v1.set_blocked(BOB, True)
+    assert "inbox" not in table_names(path)
+
+    async with await SqliteStore.open(path) as store:
+        assert texts(await store.memories(ALICE)) == ["[취미: 등산]"]
+        assert await store.summary(conversation(ALICE)) == "옛 요약"
+        assert await store.last_scores(ALICE) == ExpressionScores(0.1, 0.2, 0.3)
+        assert await store.face_for(chat_scope("discord", "guild")) == 127
+        assert await store.blocked_users() == [BOB]
+        assert [row.prompt for row in await store.recent_turns(ALICE, 5)] == ["안녕"]
+        assert await store.receive_events([event("1")]) == [True]
+    assert read_pragma(path, "user_version") == SCHEMA_VERSION == 2
+
+
+def assert_names_path_and_fix(error: StoreUnavailable, path: Path) -> None:
+    assert str(path) in str(error)
+    assert "OHLORA_DB_PATH" in str(error) and "--db" in str(error)
+    assert isinstance(error, StoreError)
+
+
+async def test_a_folder_is_no_database(tmp_path: Path) -> None:
+    """Pointing OHLORA_DB_PATH at a folder is a plain error naming it, not a traceback from SQLite."""
+    with pytest.raises(StoreUnavailable) as refused:
+        store = await SqliteStore.open(tmp_path)
+        await store.close()  # reached only when the refusal is missing
+
+    assert_names_path_and_fix(refused.value, tmp_path)
+
+
+async def test_a_path_under_a_regular_file_is_no_database(tmp_path: Path) -> None:
+    """A parent that is a file cannot become a folder; this holds for root too."""
+    (tmp_path / "not-a-folder").write_text("x")
+    path = tmp_path / "not-a-folder" / "ohlora.sqlite3"
+
+    with pytest.raises(StoreUnavailable) as refused:
+        store = await SqliteStore.open(path)
+        await store.close()
+
+    assert_names_path_and_fix(refused.value, path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions, so a read-only folder is writable")
+async def test_a_read_only_folder_is_no_database(tmp_path: Path) -> None:
+    """The deployment mistake the issue met: a database path the service user cannot write."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(StoreUnavailable) as refused:
+            store = await SqliteStore.open(folder / "ohlora.sqlite3")
+            await store.close()
+    finally:
+        folder.chmod(0o700)
+
+    assert_names_path_and_fix(refused.value, folder / "ohlora.sqlite3")
+
+
+async def test_a_path_that_cannot_be_opened_starts_no_aiosqlite_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiosqlite's failed connect leaves its thread to answer a loop that `asyncio.run` may have closed,
+    which printed a traceback after the start-up error; the path is tried plainly first instead."""
+    started: list[object] = []
+    real_connect = aiosqlite.connect
+
+    def recording_connect(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+        started.append(args)
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite, "connect", recording_connect)
+    with pytest.raises(StoreUnavailable):
+        store = await SqliteStore.open(tmp_path)
+        await store.close()
+
+    assert started == []
+    async with await SqliteStore.open(tmp_path / "fine.sqlite3"):
+        assert len(started) == 1, "a usable path still opens through aiosqlite"

@@ -37,3 +37,17 @@ def test_users_gone_quiet_are_forgotten() -> None:
         limiter.allow(str(user))
 
     assert len(limiter) <= 2 * 64 + 60
+
+
+def test_refused_messages_do_not_extend_the_window() -> None:
+    """A flooder is refused, not punished forever: only admitted messages count against the minute."""
+    clock = Clock()
+    limiter = RateLimiter(2, clock)
+    assert [limiter.allow("a") for _ in range(2)] == [True, True]
+
+    for second in range(1, 60):
+        clock.now = float(second)
+        assert not limiter.allow("a")
+
+    clock.now = 60.0
+    assert [limiter.allow("a") for _ in range(3)] == [True, True, False]

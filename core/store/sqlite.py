@@ -121,6 +121,8 @@ class SqliteStore(TypedSettings):
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Tried plainly first: aiosqlite's failed connect leaves its thread to report to a closed loop.
+            await asyncio.to_thread(lambda: sqlite3.connect(path).close())
             conn = await aiosqlite.connect(path, isolation_level=None)
         except (OSError, sqlite3.Error) as error:
             raise StoreUnavailable.at(path, error) from error
