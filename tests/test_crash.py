@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -160,6 +161,10 @@ def child_environment(api: FakeBotApi, db_path: Path, *, stall: bool) -> dict[st
     return env
 
 
+def more_calls(api: FakeBotApi, method: str, than: int) -> bool:
+    return len(api.calls(method)) > than
+
+
 @pytest.fixture
 def fast_fake_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(ThreadingHTTPServer, "request_queue_size", 256)
@@ -191,7 +196,7 @@ async def test_kill_9_mid_turn_twenty_times_leaves_a_clean_whole_database(tmp_pa
             )
             try:
                 await api.wait_until(
-                    lambda api, polls=polls: len(api.calls("getUpdates")) > polls, "the service to poll", timeout_s=60
+                    partial(more_calls, method="getUpdates", than=polls), "the service to poll", timeout_s=60
                 )
                 sent = [next(numbers) for _ in range(MESSAGES_PER_ROUND)]
                 for index, number in enumerate(sent):
@@ -203,9 +208,7 @@ async def test_kill_9_mid_turn_twenty_times_leaves_a_clean_whole_database(tmp_pa
                     assert line[0] == IN_COMMIT, line
                     caught = turn_number(" ".join(line[1:]))
                 else:
-                    await api.wait_until(
-                        lambda api, actions=actions: len(api.calls("sendChatAction")) > actions, "a turn to start"
-                    )
+                    await api.wait_until(partial(more_calls, method="sendChatAction", than=actions), "a turn to start")
                     await asyncio.sleep(rng.uniform(0.0, 0.25))
                 answered = len(api.calls("sendPhoto")) - photos
             finally:

@@ -15,10 +15,14 @@ a time, so much of the flood is told "busy". What must hold:
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import resource
+import statistics
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,11 +31,11 @@ from pydantic import SecretStr
 
 from bot.service import serve
 from core.config import Settings
-from core.engine import BUSY_TEXT, EngineOptions
+from core.engine import BUSY_TEXT, RATE_LIMIT_TEXT, EngineOptions
 from core.store import SqliteStore
 from core.types import GenerationRequest, IncomingMessage, ReplyKind, Task
 from tests import fake_telegram_api
-from tests.fake_telegram_api import ApiCall, FakeBotApi, user
+from tests.fake_telegram_api import ApiCall, FakeBotApi, Json, user
 from tests.fakes import END, FakeGenerator, Harness, make_harness
 
 MESSAGES_PER_USER = 10
@@ -228,3 +232,82 @@ async def test_no_per_user_lock_outlives_its_turns(make: MakeHarness) -> None:
 
     assert all(kind is ReplyKind.ANSWER for per_user in kinds for kind in per_user)
     assert harness.engine.users_in_flight == 0
+
+
+ONE_USER_FLOOD = 300
+VICTIM_MESSAGES = 12
+MODEL_CALL_S = 0.15
+"""Long against the event loop's own work on a flood, short enough for a quick test: a turn is
+two model calls, so a lone turn takes about 0.3 s."""
+
+
+def answered_beyond(api: FakeBotApi, count: int) -> bool:
+    return len(api.sent(2)) > count
+
+
+async def victims_latency(api: FakeBotApi, harness: Harness, *, flooder: Json | None) -> list[float]:
+    """Seconds from each of the victim's messages to its answer, sent one after another, with or
+    without another user's flood arriving just before the first.
+
+    A real user's messages are not timed to the flooder's turns: each waits a random moment after
+    the last answer (seeded), or every message would land just as a flooder's model call begins.
+    """
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        telegram_token=SecretStr(api.token),
+        telegram_api_base_url=api.base_url,
+        discord_token=None,
+    )
+    victim = user(2, "피해자")
+    stop = asyncio.Event()
+    service = asyncio.create_task(serve(harness.engine, harness.store, settings, stop=stop, shutdown_grace_s=10.0))
+    latencies = []
+    pauses = random.Random(7)
+    try:
+        await api.wait_until(lambda api: bool(api.calls("getUpdates")), "the service to poll")
+        if flooder is not None:
+            for n in range(ONE_USER_FLOOD):
+                api.send_message(flooder, f"메시지 {n}번")
+        for n in range(VICTIM_MESSAGES):
+            await asyncio.sleep(pauses.uniform(0.0, 2 * MODEL_CALL_S))
+            answered = len(api.sent(2))
+            sent_at = time.monotonic()
+            api.send_message(victim, f"메시지 {n}번")
+            await api.wait_until(partial(answered_beyond, count=answered), "the victim's answer")
+            latencies.append(api.sent(2)[-1].at - sent_at)
+    finally:
+        stop.set()
+        await asyncio.wait_for(service, timeout=30)
+    return latencies
+
+
+@pytest.mark.slow
+async def test_one_users_flood_barely_slows_another_users_turns(api: FakeBotApi, tmp_path: Path) -> None:
+    """300 messages from one user: the rate limit turns all but a few away the moment they arrive,
+    with one notice and no "typing…", so the other user's turns take at most 1.5x their idle time."""
+    store = await SqliteStore.open(tmp_path / "ohlora.sqlite3")
+    flooder = user(1, "도배꾼")
+
+    def harness() -> Harness:
+        generator = FakeGenerator(scripts={Task.OUTPUT_MESSAGE: numbered_answer}, delay_s=MODEL_CALL_S)
+        return make_harness(store=store, generator=generator, options=EngineOptions(rate_limit_per_minute=12))
+
+    idle_harness, flood_harness = harness(), harness()
+    try:
+        idle = await victims_latency(api, idle_harness, flooder=None)
+        flooded = await victims_latency(api, flood_harness, flooder=flooder)
+        unfinished = await store.pending_events("telegram")
+    finally:
+        await idle_harness.worker.stop()
+        await flood_harness.worker.stop()
+        await store.close()
+
+    ratio = statistics.mean(flooded) / statistics.mean(idle)
+    print(f"victim's turn: idle {statistics.mean(idle):.3f} s, during the flood {statistics.mean(flooded):.3f} s")
+    assert ratio <= 1.5, (idle, flooded)
+    to_flooder = api.calls("sendMessage", "sendPhoto", "sendChatAction", chat_id=1)
+    photos = [call for call in to_flooder if call.method == "sendPhoto"]
+    notices = [call for call in to_flooder if call.method == "sendMessage"]
+    assert len(photos) <= 12 and [call.text for call in notices] == [RATE_LIMIT_TEXT]
+    assert len(to_flooder) <= 3 * 12 + 1, "the turned-away messages cost no API calls"
+    assert unfinished == []
