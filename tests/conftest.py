@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# python-telegram-bot 22 warns on every RetryAfter unless told to use timedeltas, and warnings are
+# errors here; the Telegram adapter opts in the same way in production.
+os.environ.setdefault("PTB_TIMEDELTA", "true")
 
 from pathlib import Path  # noqa: E402
 

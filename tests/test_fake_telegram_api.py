@@ -41,12 +41,6 @@ ALICE = user(1001, "앨리스")
 BOB = user(1002, "밥")
 
 
-@pytest.fixture(autouse=True)
-def retry_after_as_timedelta(monkeypatch: pytest.MonkeyPatch) -> None:
-    """PTB 22 warns on every RetryAfter unless told to use timedeltas; warnings are errors here."""
-    monkeypatch.setenv("PTB_TIMEDELTA", "true")
-
-
 @pytest.fixture
 def api() -> Iterator[FakeBotApi]:
     with FakeBotApi() as server:

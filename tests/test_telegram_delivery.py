@@ -38,12 +38,6 @@ FACE = RenderedFace(data=PNG_SIGNATURE + b"face", mime_type="image/png", face=93
 FAST = RetryPolicy(attempts=4, max_wait_s=10.0, backoff_s=0.01)
 
 
-@pytest.fixture(autouse=True)
-def retry_after_as_timedelta(monkeypatch: pytest.MonkeyPatch) -> None:
-    """PTB 22 warns on every RetryAfter unless told to use timedeltas (the adapter opts in too)."""
-    monkeypatch.setenv("PTB_TIMEDELTA", "true")
-
-
 @pytest.fixture
 def api() -> Iterator[FakeBotApi]:
     with FakeBotApi() as server:
