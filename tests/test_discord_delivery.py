@@ -20,7 +20,8 @@ from discord.ext.test import backend
 
 from bot.alerts import AdminAlerts
 from bot.commands import BLOCKED_TEXT, TEXT_ONLY_TEXT, Commands
-from bot.discord_bot import DiscordAdapter, nonce_for
+from bot.discord_bot import DiscordAdapter
+from bot.discord_rules import nonce_for
 from bot.inbox import Inbox
 from core.config import Settings
 from core.engine import ERROR_TEXT
@@ -99,7 +100,7 @@ async def test_an_answer_discord_refuses_altogether_is_logged_and_never_becomes_
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     world.recorder.fail(anything, http_error(500, 0, "Internal Server Error"), times=None)
-    with caplog.at_level(logging.WARNING, logger="bot.discord_bot"):
+    with caplog.at_level(logging.WARNING, logger="bot"):
         message = await post(f"{world.mention} 안녕", channel=world.channel, author=world.alice)
 
     assert [(s.files != (), s.content) for s in world.recorder.refused] == [
@@ -117,7 +118,7 @@ async def test_no_permission_to_write_is_logged_once_per_channel_and_not_retried
     long_answer = " " + "가" * 1500 + " " + "나" * 1000 + END  # two parts: the second is never tried
     world.harness.generator.scripts[Task.OUTPUT_MESSAGE] = lambda request: long_answer
     world.recorder.fail(anything, http_error(403, 50013, "Missing Permissions"), times=None)
-    with caplog.at_level(logging.WARNING, logger="bot.discord_bot"):
+    with caplog.at_level(logging.WARNING, logger="bot"):
         await post(f"{world.mention} 안녕", channel=world.channel, author=world.alice)
         await post(f"{world.mention} 또 안녕", channel=world.channel, author=world.bob)
 
@@ -244,7 +245,7 @@ async def test_an_alarm_reaches_every_discord_admin_by_dm_even_when_one_cannot_b
         recorder.fail(
             lambda sent: sent.channel_id == dms[1].id, http_error(403, 50007, "Cannot send messages to this user")
         )
-        with caplog.at_level(logging.WARNING, logger="bot.discord_bot"):
+        with caplog.at_level(logging.WARNING, logger="bot"):
             await alerts.raise_alarm(ADMIN_ALARM)
     finally:
         await harness.worker.stop()

@@ -20,7 +20,8 @@ import discord.ext.test as dpytest
 import pytest
 
 from bot.commands import Commands
-from bot.discord_bot import DiscordAdapter, OhloraClient, nonce_for
+from bot.discord_bot import DiscordAdapter, OhloraClient
+from bot.discord_rules import nonce_for
 from bot.inbox import RESTARTED_TEXT, Inbox
 from core.config import Settings
 from core.store import InboxEvent, InMemoryStore, PendingEvent, SqliteStore, Store
@@ -302,7 +303,7 @@ async def test_a_message_is_answered_even_when_the_inbox_cannot_be_written(
         await process.client._async_setup_hook()
         recorder = SentRecorder(process.client)
         dm = await dpytest.get_config().members[0].create_dm()
-        with caplog.at_level(logging.ERROR, logger="bot.discord_bot"):
+        with caplog.at_level(logging.ERROR, logger="bot"):
             await post("안녕", channel=dm, author=dpytest.get_config().members[0]._user)
     finally:
         await process.harness.worker.stop()

@@ -21,7 +21,8 @@ import pytest
 from discord.ext.test import backend
 
 from bot.commands import NOT_ADMIN_TEXT, Commands
-from bot.discord_bot import OTHER_SERVER_TEXT, DiscordAdapter
+from bot.discord_bot import DiscordAdapter
+from bot.discord_commands import OTHER_SERVER_TEXT
 from bot.inbox import Inbox
 from core.config import Settings
 from core.store import SqliteStore, chat_scope
