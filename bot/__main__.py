@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from core.config import LlmBackend, ModelProfile, Settings
 from core.engine import Engine, EngineOptions
+from core.retention import Retention, prune_once
 from core.store import SqliteStore, StoreError
 from core.types import Models
 from core.worker import InferenceWorker
@@ -240,6 +242,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     async def session() -> int:
         store = await SqliteStore.open(settings.db_path)
+        await prune_once(store, Retention.of(settings), time.time())
         worker.start()
         try:
             rng = random.Random(args.seed) if args.seed is not None else None

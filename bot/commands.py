@@ -17,14 +17,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from core.engine import Engine, Refused, Working
-from core.store import Store, normalize
+from core.export import user_data_json
+from core.store import Footprint, Store, normalize
 from core.types import IncomingMessage, RenderedFace, Reply, ReplyKind, conversation_key, user_key
 
 BLOCKED_TEXT = "미안, 지금은 너랑 이야기할 수 없어. 🙏"
 NOT_ADMIN_TEXT = "이건 관리자만 쓸 수 있는 명령이에요. 🔒"
 NO_MEMORIES_TEXT = "아직 기억하고 있는 게 없어! 나한테 너에 대해 알려 줄래? 😊"
-PRIVATE_ONLY_TEXT = "기억은 둘만 있을 때 보여 줄게 🤫 나한테 개인 메시지로 다시 보내 줘!"
-"""Where everyone in a group would read the answer, memories are never listed."""
+PRIVATE_ONLY_TEXT = "그건 둘만 있을 때 할게 🤫 나한테 개인 메시지로 다시 보내 줘!"
+"""Where everyone in a group would read the answer, memories and data are never shown, nor deleted there."""
 TEXT_ONLY_TEXT = "아직은 글만 읽을 수 있어 📝 하고 싶은 말을 글로 보내 줄래?"
 """For a message addressed to her that carries only a picture, a sticker or a file."""
 NOT_NOW_TEXT = "지금은 할 수 없어. 조금 뒤에 다시 해 줘. 🙏"
@@ -34,10 +35,12 @@ BLOCK_NOTIFIED = "block_notified"
 HELP_TEXT = """안녕! 나는 오로라야 👱‍♀️ 편하게 말 걸어 줘.
 
 /memory — 내가 기억하는 너에 대한 것들
-/forget — 기억 지우기 (하나 또는 전부)
+/forget — 너에 대한 모든 것 지우기 (/forget 키: 기억 하나만)
+/mydata — 내가 저장한 너의 모든 데이터 받기
 /reset — 지금까지의 대화 요약 지우기
 /face — 지금 내 얼굴 보기
 /help — 이 도움말"""
+NOTHING_TO_FORGET_TEXT = "지울 게 없어. 나는 아직 너에 대해 저장한 게 없어."
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,20 @@ class Caller:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    """A file a command sends (the `/mydata` export)."""
+
+    data: bytes
+    filename: str
+    mime_type: str = "application/json"
+
+
+@dataclass(frozen=True)
 class CommandResult:
     text: str
     ok: bool = True
     image: RenderedFace | None = None
+    file: DataFile | None = None
 
 
 @dataclass(frozen=True)
@@ -196,19 +209,42 @@ class Commands:
         return await self._list_memories(caller.user_key, NO_MEMORIES_TEXT)
 
     async def forget_preview(self, caller: Caller, key: str | None) -> CommandResult:
-        """What `forget` would delete, for the confirmation step."""
+        """What `forget` would delete, for the confirmation step: one memory, or everything."""
         memories = await self._store.memories(caller.user_key)
-        chosen = [m for m in memories if key is None or normalize(m.key) == normalize(key)]
+        if key is None:
+            footprint = await self._store.footprint(caller.user_key)
+            if footprint.empty:
+                return CommandResult(NOTHING_TO_FORGET_TEXT, ok=False)
+            listed = "".join(f"\n  - {m.text}" for m in memories)
+            return CommandResult(
+                f"정말 너에 대한 모든 것을 지울까? 지우면 되돌릴 수 없어.\n{_describe(footprint)}{listed}\n"
+                "(차단 여부는 관리자의 결정이라 남아.)"
+            )
+        chosen = [m for m in memories if normalize(m.key) == normalize(key)]
         if not chosen:
             return CommandResult(_no_such_memory(key), ok=False)
         lines = "\n".join(f"• {m.text}" for m in chosen)
         return CommandResult(f"정말 이 기억을 지울까? 지우면 되돌릴 수 없어.\n{lines}")
 
     async def forget(self, caller: Caller, key: str | None) -> CommandResult:
-        deleted = await self._store.delete_memories(caller.user_key, key)
+        """One memory by key, or (None) everything stored about the caller."""
+        if key is None:
+            gone = await self._engine.forget_user(caller.user_key)
+            return _forgotten(gone, done="너에 대해 저장한 것을 모두 지웠어. 🧹", nothing=NOTHING_TO_FORGET_TEXT)
+        deleted = await self._engine.forget_memory(caller.user_key, key)
         if not deleted:
             return CommandResult(_no_such_memory(key), ok=False)
         return CommandResult(f"기억 {deleted}개를 지웠어. 🧹")
+
+    async def my_data(self, caller: Caller) -> CommandResult:
+        """Everything stored about the caller as a JSON file; blocked users get theirs too."""
+        data = await self._store.user_data(caller.user_key)
+        export = user_data_json(data, self._clock())
+        safe_name = "".join(char if char.isalnum() else "-" for char in caller.user_key)
+        return CommandResult(
+            "내가 저장한 너에 대한 모든 데이터야. 📄 지우고 싶으면 /forget 을 보내 줘.",
+            file=DataFile(export, f"ohlora-mydata-{safe_name}.json"),
+        )
 
     async def reset(self, caller: Caller) -> CommandResult | None:
         refusal = await self._turned_away(caller.user_key, metered=False)
@@ -269,11 +305,14 @@ class Commands:
             return _refused()
         return await self._list_memories(target_key, f"{target_key}: 저장된 기억이 없어요.")
 
-    async def clear_memory_of(self, caller: Caller, target_key: str) -> CommandResult:
+    async def forget_of(self, caller: Caller, target_key: str) -> CommandResult:
+        """Everything stored about anyone, as their own `/forget` would (their block stays)."""
         if not self.is_bot_admin(caller):
             return _refused()
-        deleted = await self._store.delete_memories(target_key)
-        return CommandResult(f"{target_key}: 기억 {deleted}개를 지웠어요.")
+        gone = await self._engine.forget_user(target_key)
+        return _forgotten(
+            gone, done=f"{target_key}: 저장된 것을 모두 지웠어요.", nothing=f"{target_key}: 저장된 게 없어요."
+        )
 
     async def block(self, caller: Caller, target_key: str, blocked: bool) -> CommandResult:
         if not self.is_bot_admin(caller):
@@ -319,6 +358,23 @@ class Commands:
 
 def _result_of(refusal: Refused) -> CommandResult | None:
     return None if refusal.notice is None else CommandResult(refusal.notice.text, ok=False)
+
+
+def _describe(footprint: Footprint) -> str:
+    parts = [
+        f"기억 {footprint.memories}개",
+        f"대화 요약 {footprint.summaries}개",
+        f"대화 기록 {footprint.turns}개",
+    ]
+    if footprint.expression:
+        parts.append("마지막 표정")
+    return "• " + ", ".join(parts)
+
+
+def _forgotten(footprint: Footprint, *, done: str, nothing: str) -> CommandResult:
+    if footprint.empty:
+        return CommandResult(nothing, ok=False)
+    return CommandResult(f"{done}\n{_describe(footprint)}")
 
 
 def _no_such_memory(key: str | None) -> str:

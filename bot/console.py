@@ -22,9 +22,10 @@ from core.types import Generation, GenerationRequest, IncomingMessage, Reply, Re
 
 PLATFORM = "console"
 WELCOME = "오로라와 대화를 시작해요! (명령은 /help, 끝내려면 /quit 또는 Ctrl+D)"
-FORGET_USAGE = "/forget 키 — 그 기억 지우기 (/forget all: 전부)"
+FORGET_USAGE = "/forget 키 — 그 기억 지우기 (/forget all: 너에 대한 모든 것)"
 CONSOLE_HELP = f"""/memory — 내가 기억하는 너에 대한 것들
 {FORGET_USAGE}
+/mydata — 내가 저장한 너의 모든 데이터를 JSON 파일로 (지금 폴더에)
 /reset — 지금까지의 대화 요약 지우기
 /help — 이 도움말
 /quit — 대화 끝내기"""
@@ -124,10 +125,22 @@ async def _command(commands: Commands, caller: Caller, line: str) -> CommandResu
     if name == "/reset":
         return await commands.reset(caller)
     if name == "/forget" and argument:
+        # No confirmation button here: typing "all" is the confirmation, and a pipe must work.
         return await commands.forget(caller, None if argument == "all" else argument)
+    if name == "/mydata":
+        return _saved(await commands.my_data(caller))
     if name == "/forget":
         return CommandResult(FORGET_USAGE, ok=False)
     return CommandResult(UNKNOWN_COMMAND_TEXT, ok=False)
+
+
+def _saved(result: CommandResult) -> CommandResult:
+    """The export written into the current folder; the terminal shows where."""
+    if result.file is None:
+        return result
+    path = Path(result.file.filename).resolve()
+    path.write_bytes(result.file.data)
+    return CommandResult(f"{result.text}\n{path}")
 
 
 def _describe(reply: Reply, stream: TextIO) -> None:

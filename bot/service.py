@@ -22,6 +22,7 @@ from bot.commands import Commands
 from bot.inbox import Inbox, InboxPolicy
 from core.config import Settings
 from core.engine import Engine
+from core.retention import Retention, keep_pruning
 from core.store import Store
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ async def serve(
     adapters = _adapters(commands, store, settings, alerts or AdminAlerts(), shutdown_grace_s)
     stop = stop or asyncio.Event()
     started: list[Adapter] = []
+    pruning = asyncio.create_task(keep_pruning(store, Retention.of(settings)), name="turn-log-retention")
     with _stop_on_signals(stop):
         try:
             for adapter in adapters:
@@ -79,7 +81,9 @@ async def serve(
             await stop.wait()
             logger.info("stopping")
         finally:
+            pruning.cancel()
             await _close_all(started)
+            await asyncio.gather(pruning, return_exceptions=True)
 
 
 def _adapters(

@@ -268,6 +268,7 @@ class TelegramAdapter:
             "start": self._on_help,
             "help": self._on_help,
             "memory": self._on_memory,
+            "mydata": self._on_mydata,
             "forget": self._on_forget,
             "reset": self._on_reset,
             "face": self._on_face,
@@ -276,6 +277,7 @@ class TelegramAdapter:
             "block": self._on_block,
             "unblock": self._on_unblock,
             "memoryof": self._on_memoryof,
+            "forgetof": self._on_forgetof,
         }
         app = self.application
         for name, callback in commands.items():
@@ -293,7 +295,11 @@ class TelegramAdapter:
 
     async def _answer(self, message: Message, result: CommandResult | None) -> None:
         """A command's result in its chat; None (a blocked user already told) gets nothing."""
-        if result is not None:
+        if result is None:
+            return
+        if result.file is not None:
+            await self.delivery.send_file(destination_of(message), result.file.data, result.file.filename, result.text)
+        else:
             await self._deliver(message, result.text, result.image)
 
     # ---------------------------------------------------------------- conversation
@@ -344,6 +350,12 @@ class TelegramAdapter:
         if message is None or await self._kept_private(message):
             return
         await self._answer(message, await self._commands.memory(caller_of(message)))
+
+    async def _on_mydata(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.message
+        if message is None or await self._kept_private(message):
+            return
+        await self._answer(message, await self._commands.my_data(caller_of(message)))
 
     async def _kept_private(self, message: Message) -> bool:
         """Memories are listed only in a private chat: in a group, everyone would read them."""
@@ -401,12 +413,13 @@ class TelegramAdapter:
             return
         token, confirmed = parsed
         self._pending_forgets.discard(token)
+        # Answered first: forgetting waits for a turn of the user's still running.
+        await _answer_query(query)
         if confirmed:
             caller = Caller(platform=PLATFORM, user_id=str(pending.user_id), chat_id=str(pending.chat_id))
             text = (await self._commands.forget(caller, pending.key)).text
         else:
             text = FORGET_CANCELLED_TEXT
-        await _answer_query(query)
         await query.edit_message_text(text)
 
     async def _on_unknown_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -470,6 +483,19 @@ class TelegramAdapter:
             await self._usage(message, caller, usage)
             return
         await self._answer_admin(message, caller, await self._commands.memory_of(caller, target))
+
+    async def _on_forgetof(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Everything stored about a user, gone: what their own `/forget` does, by an admin."""
+        message = update.message
+        if message is None:
+            return
+        caller = caller_of(message)
+        try:
+            target = parse_target("forgetof", context.args or (), message)
+        except UsageError as usage:
+            await self._usage(message, caller, usage)
+            return
+        await self._answer_admin(message, caller, await self._commands.forget_of(caller, target))
 
     async def _answer_admin(self, message: Message, caller: Caller, result: CommandResult) -> None:
         """Bot-wide admin output goes only to the admin's private chat, never into a group.

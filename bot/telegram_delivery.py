@@ -157,6 +157,21 @@ class TelegramDelivery:
             logger.warning("Telegram: could not deliver to chat %s: %s", to.chat_id, error)
             return False
 
+    async def send_file(self, to: Destination, data: bytes, filename: str, caption: str) -> bool:
+        """A document (the `/mydata` export) with a short caption; False if it did not get there."""
+
+        def call(where: Destination) -> Coroutine[Any, Any, object]:
+            return self._bot.send_document(
+                where.chat_id, InputFile(data, filename=filename), caption=caption or None, **_placement(where)
+            )
+
+        try:
+            await self.call(to, call)
+        except DeliveryFailed as error:
+            logger.warning("Telegram: could not send %s to chat %s: %s", filename, to.chat_id, error)
+            return False
+        return True
+
     async def _with_face(self, to: Destination, text: str, image: RenderedFace) -> bool:
         """The face with the start of the text as caption, then the rest; the text survives a face that fails."""
         caption, rest = split_caption(text)

@@ -47,7 +47,8 @@ PUBLIC_COMMANDS = (
     BotCommand("start", "오로라와 인사하기"),
     BotCommand("help", "도움말"),
     BotCommand("memory", "내가 기억하는 너에 대한 것들"),
-    BotCommand("forget", "기억 지우기 (하나 또는 전부)"),
+    BotCommand("forget", "나에 대한 모든 것 지우기 (/forget 키: 기억 하나만)"),
+    BotCommand("mydata", "오로라가 저장한 나의 데이터 받기"),
     BotCommand("reset", "지금까지의 대화 요약 지우기"),
     BotCommand("face", "지금 내 얼굴 보기"),
 )
@@ -58,6 +59,7 @@ ADMIN_COMMANDS = (
     BotCommand("block", "사용자 차단 (관리자)"),
     BotCommand("unblock", "차단 풀기 (관리자)"),
     BotCommand("memoryof", "사용자의 기억 보기 (관리자)"),
+    BotCommand("forgetof", "사용자에 대해 저장된 모든 것 지우기 (관리자)"),
 )
 
 

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     get a short "I was restarted" notice."""
     memory_threshold: float = Field(default=0.95, validation_alias="OHLORA_MEMORY_THRESHOLD")
     parallel_samples: int = Field(default=3, ge=1, le=15, validation_alias="OHLORA_PARALLEL_SAMPLES")
+    turn_log_days: float = Field(default=30.0, ge=0, validation_alias="OHLORA_TURN_LOG_DAYS")
+    """Days the turn log keeps each turn (what was said and answered); 0 keeps them all, up to the row cap."""
+    turn_log_max_rows: int = Field(default=100_000, ge=1, validation_alias="OHLORA_TURN_LOG_MAX_ROWS")
     log_level: str = Field(default="INFO", validation_alias="OHLORA_LOG_LEVEL")
 
     @field_validator("admin_ids", mode="before")

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
@@ -25,7 +25,7 @@ from core.keyed_lock import KeyedLocks
 from core.ratelimit import RateLimiter
 from core.retrieval import best_memory
 from core.safety import NOTICES, validate_user_text
-from core.store import NewMemory, Store, TurnRecord, chat_scope
+from core.store import Footprint, NewMemory, Store, TurnRecord, chat_scope
 from core.types import (
     IDLE_SCORES,
     Expression,
@@ -191,12 +191,29 @@ class Engine:
 
     async def render_current_face(self, platform: str, chat_id: str, user_key: str) -> RenderedFace:
         """The face as the user last saw it, for `/face`: in the user's line, like a turn."""
+
+        async def render() -> RenderedFace:
+            face = await self._face_for_chat(platform, chat_id)
+            scores = await self._store.last_scores(user_key) or IDLE_SCORES
+            return await self._worker.render(FaceRequest(face=face, scores=scores))
+
+        return await self._in_line(user_key, render)
+
+    async def forget_user(self, user_key: str) -> Footprint:
+        """Forget everything about a user, in the user's line: a turn already running commits
+        first and is forgotten with the rest; nothing computed before can be written back after."""
+        return await self._in_line(user_key, lambda: self._store.forget_user(user_key))
+
+    async def forget_memory(self, user_key: str, key: str) -> int:
+        """Delete one memory, in the user's line (a running turn cannot write it back after)."""
+        return await self._in_line(user_key, lambda: self._store.delete_memories(user_key, key))
+
+    async def _in_line(self, user_key: str, change: Callable[[], Awaitable[T]]) -> T:
+        """Run `change` after the user's earlier turns and commands; the busy count sees it waiting."""
         self._pending += 1
         try:
             async with self._user_locks.hold(user_key):
-                face = await self._face_for_chat(platform, chat_id)
-                scores = await self._store.last_scores(user_key) or IDLE_SCORES
-                return await self._worker.render(FaceRequest(face=face, scores=scores))
+                return await change()
         finally:
             self._pending -= 1
 

@@ -46,7 +46,7 @@ MAX_LONG_POLL_S = 1.0
 DROPPED = "dropped"
 """`ApiCall.status` of a call whose connection was closed without any answer."""
 
-SEND_METHODS = ("sendMessage", "sendPhoto", "sendAnimation")
+SEND_METHODS = ("sendMessage", "sendPhoto", "sendAnimation", "sendDocument")
 """The methods that post into a chat: what `sent` lists."""
 
 Json = dict[str, Any]
@@ -701,6 +701,15 @@ class FakeBotApi:
         }
         return self._bot_message(params, animation=animation, **_caption(params))
 
+    def _send_document(self, params: Mapping[str, str], files: Mapping[str, UploadedFile]) -> Json:
+        uploaded = files.get("document")
+        document = {
+            "file_id": "document-file",
+            "file_unique_id": "document-unique",
+            "file_name": uploaded.filename if uploaded else "document",
+        }
+        return self._bot_message(params, document=document, **_caption(params))
+
     def _edit_message_text(self, params: Mapping[str, str], files: Mapping[str, UploadedFile]) -> Json | bool:
         key = (int(params["chat_id"]), int(params["message_id"]))
         with self._lock:
@@ -734,6 +743,7 @@ class FakeBotApi:
         "sendMessage": _send_message,
         "sendPhoto": _send_photo,
         "sendAnimation": _send_animation,
+        "sendDocument": _send_document,
         "editMessageText": _edit_message_text,
         "getMyCommands": _get_my_commands,
         "sendChatAction": lambda self, params, files: True,

@@ -4,6 +4,7 @@ fake interactions, and the adapter's start/close. Everything runs over the fake 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -19,23 +20,24 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from bot.commands import BLOCKED_TEXT, NO_MEMORIES_TEXT, NOT_ADMIN_TEXT, NOT_NOW_TEXT, CommandResult, Commands
-from bot.discord_bot import (
+from bot.discord_bot import DiscordAdapter, OhloraClient
+from bot.discord_commands import (
     BAD_ARGUMENT_TEXT,
     COMMAND_ERROR_TEXT,
     COOLDOWN_TEXT,
     FORGET_CANCELLED_TEXT,
     FORGET_EXPIRED_TEXT,
-    MESSAGE_LIMIT,
     NOT_HERE_TEXT,
     NOT_YOUR_BUTTON_TEXT,
-    DiscordAdapter,
     ForgetConfirmation,
-    InboundMessage,
-    OhloraClient,
-    face_choices,
-    fit_message,
     friendly_error,
     respond,
+)
+from bot.discord_rules import (
+    MESSAGE_LIMIT,
+    InboundMessage,
+    face_choices,
+    fit_message,
     should_answer,
     split_message,
     strip_mention,
@@ -550,6 +552,7 @@ async def test_a_listed_admin_can_use_the_bot_wide_commands_anywhere(bot: Bot, m
     assert "[좋아하는 음식: 떡볶이]" in viewed.texts()[0]
     await _run_as(bot, make_interaction, "admin memory clear", user=ALICE)
     assert await store.memories(alice) == []
+    assert (await store.footprint(alice)).empty, "clearing is forgetting: summaries and turn texts too"
 
     await _run_as(bot, make_interaction, "admin block", user=ALICE)
     assert await store.is_blocked(alice)
@@ -653,8 +656,9 @@ async def test_forget_deletes_the_memory_only_after_the_confirm_button(bot: Bot)
     click = member_interaction(ALICE)
     await press(view, "지우기", click)
     assert await bot.harness.store.memories(alice) == []
-    assert [(s.via, s.view) for s in click.shown] == [("edit", None)]
-    assert "1개" in (click.shown[0].content or "")
+    # Acknowledged at once (forgetting may wait for a running turn), then the preview becomes the result.
+    assert [(s.via, s.view) for s in click.shown] == [("defer", None), ("edit_original", None)]
+    assert "1개" in (click.shown[1].content or "")
 
     again = member_interaction(ALICE)
     await press(view, "지우기", again)  # a double click is acknowledged and does nothing more
@@ -737,7 +741,7 @@ async def test_a_failing_command_answers_once_with_an_apology_and_logs_the_trace
     bot = _bot(harness)
     interaction = member_interaction(ALICE)
     try:
-        with caplog.at_level(logging.ERROR, logger="bot.discord_bot"):
+        with caplog.at_level(logging.ERROR, logger="bot"):
             await invoke(bot.tree, "face", interaction)
     finally:
         await harness.worker.stop()
@@ -752,7 +756,7 @@ async def test_a_failing_command_answers_once_with_an_apology_and_logs_the_trace
 
 async def test_an_error_before_any_response_is_answered_directly(bot: Bot, caplog: pytest.LogCaptureFixture) -> None:
     interaction = member_interaction(ALICE)
-    with caplog.at_level(logging.ERROR, logger="bot.discord_bot"):
+    with caplog.at_level(logging.ERROR, logger="bot"):
         await bot.tree.on_error(interaction, app_commands.NoPrivateMessage())  # type: ignore[arg-type]
     assert [(s.via, s.content, s.ephemeral) for s in interaction.shown] == [("response", NOT_HERE_TEXT, True)]
     assert caplog.records == []  # the user's doing, not a bug
@@ -860,7 +864,7 @@ async def test_a_refused_message_content_intent_is_explained_in_the_log(
         raise discord.PrivilegedIntentsRequired(shard_id=None)
 
     client.login, client.connect = login, connect
-    with caplog.at_level(logging.ERROR, logger="bot.discord_bot"):
+    with caplog.at_level(logging.ERROR, logger="bot"):
         await adapter.start()
         await failed.wait()
         for _ in range(3):  # the task's done callback runs on a later loop iteration
@@ -902,7 +906,7 @@ async def test_shutdown_cancels_a_turn_that_outlives_the_grace_period(
     try:
         await post(f"<@{world.me.id}> 안녕", channel=world.channel, author=world.alice, wait=False)
         await asyncio.wait_for(_until_the_model_is_asked(generator), timeout=10)
-        with caplog.at_level(logging.WARNING, logger="bot.discord_bot"):
+        with caplog.at_level(logging.WARNING, logger="bot"):
             await asyncio.wait_for(world.bot.client.finish_turns(grace_s=0.05), timeout=10)
     finally:
         generator.release.set()
@@ -946,3 +950,16 @@ class _Response:
     def __init__(self, status: int) -> None:
         self.status = status
         self.reason = "error"
+
+
+async def test_mydata_is_a_private_json_file_of_only_your_data(bot: Bot) -> None:
+    await tell(bot, ALICE, "나 떡볶이 좋아해")
+    interaction = member_interaction(ALICE)
+    await invoke(bot.tree, "mydata", interaction)
+    (shown,) = interaction.shown
+    assert shown.ephemeral
+    ((filename, data),) = shown.files
+    assert filename.endswith(".json")
+    export = json.loads(data)
+    assert export["user"] == f"discord:{ALICE.id}"
+    assert [turn["message"] for turn in export["turns"]] == ["나 떡볶이 좋아해"]

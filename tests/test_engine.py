@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ from core.engine import (
     Working,
 )
 from core.ratelimit import RateLimiter
-from core.store import InboxEvent, InMemoryStore, NewMemory, TurnRecord
+from core.store import Footprint, InboxEvent, InMemoryStore, NewMemory, SqliteStore, Store, TurnRecord
 from core.types import IDLE_SCORES, Expression, GenerationRequest, IncomingMessage, Reply, ReplyKind, Task
 from tests.fakes import END, FakeGenerator, FakeRenderer, Harness, make_harness
 
@@ -533,3 +534,137 @@ async def test_move_chat_takes_the_summary_and_the_face(harness: Harness) -> Non
     assert summary and await harness.store.summary("telegram:-100:alice") == ""
     assert answer_prompts(harness)[1] == f"(오로라 답변 요약) {summary} (사용자 질문) 위로해 줘 (답변 시작)"
     assert reply.image is not None and reply.image.face == 931
+
+
+# --------------------------------------------------------------------------------------------
+# Forgetting a user runs in the user's line (issue 13)
+
+ALICE_KEY = "telegram:alice"
+NOTHING = Footprint(memories=0, summaries=0, turns=0, expression=False)
+
+
+@pytest.fixture(params=["in_memory", "sqlite"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        async with await SqliteStore.open(tmp_path / "ohlora.sqlite3") as store:
+            yield store
+    else:
+        yield InMemoryStore()
+
+
+async def until_called(harness: Harness, calls: int) -> None:
+    while len(harness.generator.calls) <= calls:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_forget_waits_for_the_turn_in_flight_and_nothing_is_written_back(any_store: Store) -> None:
+    """The issue's race: `/forget` confirmed while her turn is inside the model. The turn commits first
+    and is forgotten with the rest; the memory and summary it computed never come back afterwards."""
+    release = threading.Event()
+    release.set()
+    harness = make_harness(store=any_store, generator=FakeGenerator(release=release))
+    try:
+        await harness.engine.reply(message("오늘 정말 피곤했어"))  # a summary and a face from before
+        release.clear()
+        calls = len(harness.generator.calls)
+        in_flight = asyncio.create_task(harness.engine.reply(message("나 떡볶이 좋아해")))
+        await until_called(harness, calls)
+        forget = asyncio.create_task(harness.engine.forget_user(ALICE_KEY))
+        await asyncio.sleep(0.1)
+        forget_waited = not forget.done()
+        release.set()
+        held, gone = await asyncio.gather(in_flight, forget)
+        after_forget = await harness.store.footprint(ALICE_KEY)
+        fresh = await harness.engine.reply(message("내가 좋아하는 음식 알아?"))
+    finally:
+        release.set()
+        await harness.worker.stop()
+
+    assert forget_waited, "the forget ran while her turn was still being computed"
+    assert held.kind is ReplyKind.ANSWER and held.text.startswith("그렇구나!"), "the turn itself is still answered"
+    assert gone == Footprint(memories=1, summaries=1, turns=2, expression=True), "the turn in flight went too"
+    assert after_forget == NOTHING, "something was written back after the forget"
+    assert fresh.used_memory is None
+    assert answer_prompts(harness)[-1] == "내가 좋아하는 음식 알아? (답변 시작)", "no old memory or summary"
+    logged = await harness.store.recent_turns(None, 10)
+    assert len(logged) == 3
+    assert all("피곤" not in f"{row.prompt}{row.final_input}{row.answer}" for row in logged)
+    assert all("떡볶이" not in f"{row.prompt}{row.final_input}{row.answer}{row.used_memory}" for row in logged)
+
+
+async def test_a_message_sent_after_the_forget_waits_behind_it() -> None:
+    """Her line is kept in order: a message written after `/forget` must not see what was forgotten,
+    and what it tells her is kept."""
+    release = threading.Event()
+    harness = make_harness(generator=FakeGenerator(release=release))
+    try:
+        in_flight = asyncio.create_task(harness.engine.reply(message("나 떡볶이 좋아해")))
+        await until_called(harness, 0)
+        forget = asyncio.create_task(harness.engine.forget_user(ALICE_KEY))
+        later = asyncio.create_task(harness.engine.reply(message("내가 좋아하는 음식 알아? 떡볶이 맞지")))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(in_flight, forget)
+        reply = await later
+    finally:
+        release.set()
+        await harness.worker.stop()
+
+    assert reply.used_memory is None
+    assert answer_prompts(harness)[-1] == "내가 좋아하는 음식 알아? 떡볶이 맞지 (답변 시작)"
+    assert [m.text for m in await harness.store.memories(ALICE_KEY)] == ["[좋아하는 음식: 떡볶이]"], "its own memory"
+    assert [row.prompt for row in await harness.store.recent_turns(ALICE_KEY, 10)] == [
+        "내가 좋아하는 음식 알아? 떡볶이 맞지"
+    ]
+
+
+async def test_forgetting_one_user_neither_waits_for_nor_touches_another_users_turn(any_store: Store) -> None:
+    """The lock is per user: Bob's turn in the model does not hold up Alice's forget, and commits as usual."""
+    release = threading.Event()
+    release.set()
+    harness = make_harness(store=any_store, generator=FakeGenerator(release=release))
+    try:
+        await harness.engine.reply(message("나 떡볶이 좋아해"))
+        release.clear()
+        calls = len(harness.generator.calls)
+        bobs = asyncio.create_task(harness.engine.reply(message("나 떡볶이 좋아해", user="bob")))
+        await until_called(harness, calls)
+        gone = await asyncio.wait_for(harness.engine.forget_user(ALICE_KEY), timeout=2)
+        bob_still_running = not bobs.done()
+        release.set()
+        bob_reply = await bobs
+    finally:
+        release.set()
+        await harness.worker.stop()
+
+    assert bob_still_running, "the forget did not have to wait for Bob"
+    assert gone == Footprint(memories=1, summaries=1, turns=1, expression=True)
+    assert await harness.store.footprint(ALICE_KEY) == NOTHING
+    assert bob_reply.kind is ReplyKind.ANSWER
+    assert [m.text for m in await harness.store.memories("telegram:bob")] == ["[좋아하는 음식: 떡볶이]"]
+    assert await harness.store.footprint("telegram:bob") == Footprint(memories=1, summaries=1, turns=1, expression=True)
+    assert harness.engine.pending_turns == 0 and harness.engine.users_in_flight == 0
+
+
+async def test_a_forget_cancelled_while_it_waits_changes_nothing_and_leaves_no_trace() -> None:
+    """A shutdown or a timed-out interaction can cancel a forget still waiting in line: nothing is
+    deleted, the busy count and the user's lock are given back, and no store call is left unawaited."""
+    release = threading.Event()
+    harness = make_harness(generator=FakeGenerator(release=release))
+    try:
+        in_flight = asyncio.create_task(harness.engine.reply(message("나 떡볶이 좋아해")))
+        await until_called(harness, 0)
+        for forget in (harness.engine.forget_user(ALICE_KEY), harness.engine.forget_memory(ALICE_KEY, "좋아하는 음식")):
+            waiting = asyncio.create_task(forget)
+            await asyncio.sleep(0.02)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        release.set()
+        await in_flight
+    finally:
+        release.set()
+        await harness.worker.stop()
+
+    assert [m.text for m in await harness.store.memories(ALICE_KEY)] == ["[좋아하는 음식: 떡볶이]"]
+    assert harness.engine.pending_turns == 0 and harness.engine.users_in_flight == 0

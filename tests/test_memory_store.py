@@ -18,9 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bot.commands import BLOCK_NOTIFIED
 from core.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    Footprint,
     InboxEvent,
     InMemoryStore,
     NewMemory,
@@ -36,6 +38,7 @@ from core.store import (
     normalize,
     schema_version,
 )
+from core.store.values import BLOCKED_SCOPE
 from core.types import Expression, ExpressionScores, RenderedFace, Reply, ReplyKind
 
 ALICE = "discord:1"
@@ -293,16 +296,23 @@ async def test_forget_user_removes_everything_the_user_left(store: Store) -> Non
         )
     await store.set_blocked(ALICE, True)
 
-    await store.forget_user(ALICE)
+    gone = await store.forget_user(ALICE)
 
+    assert gone == Footprint(memories=1, summaries=1, turns=1, expression=True)
     assert await store.memories(ALICE) == []
     assert await store.summary(conversation(ALICE)) == ""
     assert await store.last_scores(ALICE) is None
     assert await store.recent_turns(ALICE, 10) == []
+    assert await store.footprint(ALICE) == Footprint(memories=0, summaries=0, turns=0, expression=False)
     assert await store.is_blocked(ALICE)  # moderation, not the user's data
     assert texts(await store.memories(BOB)) == ["[취미: 등산]"]
     assert await store.summary(conversation(BOB)) == "요약"
-    assert [row.user_key for row in await store.recent_turns(None, 10)] == [BOB]
+    # The forgotten turn stays for the statistics, with nothing left that was said or who said it.
+    bobs, forgotten = sorted(await store.recent_turns(None, 10), key=lambda row: row.user_key)
+    assert bobs.user_key == BOB and bobs.prompt == "안녕"
+    assert forgotten.user_key.startswith("forgotten:") and forgotten.conversation_key == forgotten.user_key
+    assert (forgotten.prompt, forgotten.final_input, forgotten.answer, forgotten.used_memory) == ("", "", "", None)
+    assert (await store.stats()).turns_total == 2 and (await store.stats()).users_total == 2
 
 
 async def test_settings_are_scoped_key_values(store: Store) -> None:
@@ -773,6 +783,219 @@ async def test_forget_user_redacts_only_that_users_inbox_rows(store: Store) -> N
     assert await store.receive_events([event("1", TG_ALICE), event("3", TG_ALICE)]) == [False, False]
 
 
+# --------------------------------------------------------------------------------------------
+# A user's data: what forgetting takes, what an export shows, how long the turn log keeps it
+
+ROOM = "discord:room-b"
+LOOKALIKE = "discord:10"
+"""A key that begins with Alice's (`discord:1`): a prefix match would hand her this user's data."""
+FORGOTTEN_PREFIX = "forgotten:"
+
+
+async def leave_a_trace(store: Store, user: str, words: str, *, at: float = 1.0, score: float = 0.1) -> None:
+    """Two turns: one in the shared group chat and one in another room, each with a memory and a summary."""
+    await store.commit_turn(
+        turn(
+            user,
+            prompt=f"{words} 하나",
+            summary=f"{words} 요약",
+            scores=ExpressionScores(score, 0.2, 0.3),
+            expression=Expression("보통", "크게", "없음"),
+            at=at,
+        ),
+        new_memory("취미", words),
+    )
+    await store.commit_turn(
+        turn(user, chat=ROOM, prompt=f"{words} 둘", summary=f"{words} 방 요약", at=at + 1),
+        new_memory("음식", f"{words} 음식"),
+    )
+
+
+NOTHING = Footprint(memories=0, summaries=0, turns=0, expression=False)
+
+
+async def test_footprint_counts_only_what_the_user_left(store: Store) -> None:
+    """The `/forget` confirmation shows these counts: they must be the user's own, nobody else's."""
+    await leave_a_trace(store, ALICE, "앨리스")
+    await store.commit_turn(turn(ALICE, at=3.0), None)  # a turn that leaves no summary or memory
+    await leave_a_trace(store, BOB, "밥")
+    await store.set_blocked(ALICE, True)  # a block is no data of hers to count
+
+    assert await store.footprint(ALICE) == Footprint(memories=2, summaries=2, turns=3, expression=True)
+    assert await store.footprint(BOB) == Footprint(memories=2, summaries=2, turns=2, expression=True)
+    assert await store.footprint(LOOKALIKE) == NOTHING and NOTHING.empty
+    assert not Footprint(memories=0, summaries=0, turns=0, expression=True).empty, "a face alone is data too"
+
+
+async def test_forgetting_takes_every_conversation_and_leaves_everyone_else_as_they_were(store: Store) -> None:
+    """Summaries of every chat go, not only the current one; others' data, and her block, stay exactly."""
+    await leave_a_trace(store, ALICE, "앨리스", score=0.1)
+    await leave_a_trace(store, BOB, "밥", at=10.0, score=0.5)
+    await leave_a_trace(store, LOOKALIKE, "닮은꼴", at=20.0, score=0.9)
+    await store.set_blocked(ALICE, True)
+    others = {user: await store.user_data(user) for user in (BOB, LOOKALIKE)}
+    before = await store.stats()
+
+    gone = await store.forget_user(ALICE)
+
+    assert gone == Footprint(memories=2, summaries=2, turns=2, expression=True)
+    assert await store.footprint(ALICE) == NOTHING
+    assert await store.summary(conversation(ALICE)) == "" and await store.summary(conversation(ALICE, ROOM)) == ""
+    assert await store.memories(ALICE) == [] and await store.last_scores(ALICE) is None
+    assert await store.is_blocked(ALICE), "a block is moderation, not her data: she cannot lift it this way"
+    for user, theirs in others.items():
+        assert await store.user_data(user) == theirs, f"{user} lost or changed something"
+    after = await store.stats()
+    assert (after.turns_total, after.users_total, after.memories_total) == (6, 3, 4)
+    assert after.recent_latencies_s == before.recent_latencies_s
+    assert await store.forget_user(ALICE) == NOTHING, "forgetting twice finds nothing the second time"
+
+
+async def test_forgotten_turns_keep_their_timings_but_lose_their_words_and_their_owner(store: Store) -> None:
+    """Admins' statistics still add up; nothing said, nor who said it, can be read from the log."""
+    secret = dataclasses.replace(
+        turn(ALICE, prompt="비밀 하나", timings={"llm": 1.25, "total": 2.5}, at=1.0, status="ok"),
+        final_input="(오로라 답변 요약) 비밀 요약 (사용자 질문) 비밀 하나",
+        used_memory="[비밀: 사과]",
+        expression=Expression("감음", "작게", "많이"),
+    )
+    await store.commit_turn(secret, new_memory("비밀", "사과"))
+    await store.commit_turn(
+        turn(ALICE, chat=ROOM, prompt="비밀 둘", timings={"total": 4.0}, at=2.0, status="timeout"), None
+    )
+    await store.commit_turn(turn(BOB, prompt="밥의 말", at=3.0), None)
+    before = {row.id: row for row in await store.recent_turns(None, 10)}
+
+    await store.forget_user(ALICE)
+
+    after = {row.id: row for row in await store.recent_turns(None, 10)}
+    assert after.keys() == before.keys(), "redacted, not deleted: the turns still count"
+    pseudonyms = set()
+    for row_id, row in after.items():
+        old = before[row_id]
+        if old.user_key != ALICE:
+            assert row == old
+            continue
+        assert (row.created_at, row.platform, row.status, row.timings, row.total_s) == (
+            old.created_at,
+            old.platform,
+            old.status,
+            old.timings,
+            old.total_s,
+        )
+        assert (row.prompt, row.final_input, row.answer, row.used_memory, row.expression) == ("", "", "", None, None)
+        assert row.user_key.startswith(FORGOTTEN_PREFIX) and row.conversation_key == row.user_key
+        assert ALICE not in row.user_key
+        pseudonyms.add(row.user_key)
+    assert len(pseudonyms) == 1, "one pseudonym for all her turns, so she still counts as one user"
+
+
+async def test_two_forgotten_users_stay_two_users_and_a_returning_user_starts_afresh(store: Store) -> None:
+    """Each forget draws its own pseudonym: `users_total` must not shrink because two people left."""
+    for user in (ALICE, BOB, TG_ALICE):
+        await store.commit_turn(turn(user), None)
+
+    await store.forget_user(ALICE)
+    await store.forget_user(BOB)
+
+    keys = {row.user_key for row in await store.recent_turns(None, 10)}
+    assert len(keys) == 3 and TG_ALICE in keys
+    assert sum(key.startswith(FORGOTTEN_PREFIX) for key in keys) == 2
+    stats = await store.stats()
+    assert (stats.turns_total, stats.users_total) == (3, 3)
+
+    await store.commit_turn(turn(ALICE, prompt="다시 왔어", at=5.0), None)
+    assert [row.prompt for row in await store.recent_turns(ALICE, 10)] == ["다시 왔어"]
+    assert await store.footprint(ALICE) == Footprint(memories=0, summaries=0, turns=1, expression=False)
+    assert (await store.stats()).users_total == 4, "her new turns are not joined to the forgotten ones"
+
+
+async def test_user_data_is_exactly_the_users_own(store: Store) -> None:
+    """`/mydata` hands this out: all of hers, in order, and never a word of Bob's from the same group chat."""
+    await leave_a_trace(store, ALICE, "앨리스", at=1.0, score=0.1)
+    await leave_a_trace(store, BOB, "밥", at=10.0, score=0.5)
+    await leave_a_trace(store, LOOKALIKE, "닮은꼴", at=20.0, score=0.9)
+    await store.commit_turn(turn(ALICE, prompt="앨리스 셋", at=30.0), None)
+    for user in (ALICE, BOB, LOOKALIKE):
+        await store.set_blocked(user, True)
+        await store.set_setting(user, BLOCK_NOTIFIED, "1")
+    await store.set_face(chat_scope("discord", "guild-chat"), 127)  # the chat's setting, not hers
+    await store.receive_events(
+        [
+            InboxEvent("discord", "late", ALICE, '{"text": "늦게 온 말"}', 5.0),
+            InboxEvent("discord", "early", ALICE, '{"text": "먼저 온 말"}', 2.0),
+            InboxEvent("discord", "delivered", ALICE, '{"text": "이미 답한 말"}', 1.0),
+            InboxEvent("discord", "bobs", BOB, '{"text": "밥이 보낸 말"}', 1.5),
+        ]
+    )
+    await store.answer_event("discord", "late", Reply(text="답", kind=ReplyKind.ANSWER))  # answered, not delivered
+    await store.finish_events("discord", ["delivered"])
+
+    data = await store.user_data(ALICE)
+
+    assert data.user_key == ALICE
+    assert list(data.memories) == await store.memories(ALICE)
+    assert texts(list(data.memories)) == ["[취미: 앨리스]", "[음식: 앨리스 음식]"]
+    assert dict(data.summaries) == {conversation(ALICE): "앨리스 요약", conversation(ALICE, ROOM): "앨리스 방 요약"}
+    assert data.last_scores == ExpressionScores(0.1, 0.2, 0.3)
+    assert [row.prompt for row in data.turns] == ["앨리스 하나", "앨리스 둘", "앨리스 셋"], "oldest first"
+    assert list(data.turns) == list(reversed(await store.recent_turns(ALICE, 10)))
+    assert {key: dict(values) for key, values in data.settings.items()} == {
+        BLOCKED_SCOPE: {ALICE: "1"},
+        ALICE: {BLOCK_NOTIFIED: "1"},
+    }
+    assert data.pending_messages == ('{"text": "먼저 온 말"}', '{"text": "늦게 온 말"}')
+    assert "밥" not in repr(data) and "닮은꼴" not in repr(data) and BOB not in repr(data)
+
+
+async def test_a_stranger_has_no_data(store: Store) -> None:
+    """An export for someone never seen is empty, not an error."""
+    await leave_a_trace(store, BOB, "밥")
+
+    data = await store.user_data(ALICE)
+
+    assert (data.memories, dict(data.summaries), data.last_scores, data.turns) == ((), {}, None, ())
+    assert (dict(data.settings), data.pending_messages) == ({}, ())
+
+
+async def test_pruning_by_age_keeps_the_recent_turns_and_everything_else(store: Store) -> None:
+    """The turn log shrinks; memories, summaries and the statistics on what remains are untouched."""
+    for at in range(1, 11):
+        user = ALICE if at % 2 else BOB
+        memory = new_memory("취미", f"등산 {at}") if at <= 2 else None
+        await store.commit_turn(turn(user, prompt=f"턴 {at}", timings={"total": float(at)}, at=float(at)), memory)
+    await store.commit_turn(turn(BOB, summary="밥 요약", at=10.5), None)
+
+    assert await store.prune_turns(created_before=5.0, keep_latest=100) == 4, "strictly older than the cutoff"
+    assert await store.prune_turns(created_before=5.0, keep_latest=100) == 0
+
+    left = [row.created_at for row in reversed(await store.recent_turns(None, 100))]
+    assert left == [5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 10.5]
+    stats = await store.stats()
+    assert (stats.turns_total, stats.users_total, stats.memories_total) == (7, 2, 2)
+    assert stats.recent_latencies_s == (5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 1.0)
+    assert texts(await store.memories(ALICE)) == ["[취미: 등산 1]"]
+    assert await store.summary(conversation(BOB)) == "밥 요약"
+
+
+async def test_the_row_cap_keeps_the_newest_turns(store: Store) -> None:
+    """A busy bot's log is bounded by rows too; the newest survive, and logging goes on afterwards."""
+    for at in range(8):
+        await store.commit_turn(turn(ALICE if at % 2 else BOB, prompt=f"턴 {at}", at=float(at)), None)
+
+    assert await store.prune_turns(created_before=float("-inf"), keep_latest=8) == 0
+    assert await store.prune_turns(created_before=float("-inf"), keep_latest=3) == 5
+    assert [row.prompt for row in await store.recent_turns(None, 10)] == ["턴 7", "턴 6", "턴 5"]
+    # both limits at once: the age limit takes one more of the three
+    assert await store.prune_turns(created_before=6.0, keep_latest=3) == 1
+    assert [row.prompt for row in await store.recent_turns(None, 10)] == ["턴 7", "턴 6"]
+
+    await store.commit_turn(turn(BOB, prompt="새 턴", at=9.0), None)
+    stats = await store.stats()
+    assert (stats.turns_total, stats.users_total) == (3, 2)
+    assert [row.prompt for row in await store.recent_turns(BOB, 10)] == ["새 턴", "턴 6"]
+
+
 # SQLite only: what is on disk, transactions, migrations, unusable paths
 
 
@@ -915,3 +1138,139 @@ async def test_a_path_that_cannot_be_opened_starts_no_aiosqlite_thread(
     assert started == []
     async with await SqliteStore.open(tmp_path / "fine.sqlite3"):
         assert len(started) == 1, "a usable path still opens through aiosqlite"
+
+
+# --------------------------------------------------------------------------------------------
+# SQLite only: forgetting and pruning as the file on disk sees them
+
+SECRETS = ("사과123비밀", "apple-secret-4242")
+"""What Alice must never leave behind, in Korean and in ASCII (UTF-8 and plain bytes)."""
+BOBS_WORDS = ("바나나평범한이야기", "banana-plain-777")
+
+
+def database_bytes(path: Path) -> bytes:
+    """The database, its write-ahead log and its index, as anyone with the files could read them."""
+    files = [path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")]
+    return b"".join(file.read_bytes() for file in files if file.exists())
+
+
+def checkpoint_from_outside(path: Path) -> None:
+    """Copy the log into the main file, so the secrets sit in both before the forget."""
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+async def tell_secrets(store: SqliteStore, round_: int) -> None:
+    """Alice's secrets in every place a turn keeps text: memory (key, value, text, and so its index),
+    summary, expression, the log (prompt, final input, answer, used memory, one long enough to spill
+    onto overflow pages) and the inbox (payload and kept reply). Bob says ordinary things."""
+    for n, secret in enumerate(SECRETS):
+        event_id = f"{round_}-{n}"
+        await store.receive_events([event(event_id, ALICE, payload=f'{{"text": "{secret}"}}', at=float(n))])
+        record = dataclasses.replace(
+            turn(
+                ALICE, prompt=f"내 비밀번호는 {secret}이야", summary=f"{secret} 요약", scores=ExpressionScores(1, 2, 3)
+            ),
+            final_input=f"(오로라 답변 요약) {secret} (사용자 질문) {secret}",
+            answer=f" {secret} 기억할게",
+            used_memory=f"[비밀번호: {secret}]",
+            event_id=event_id,
+            reply=Reply(text=f"{secret} 기억할게", kind=ReplyKind.ANSWER),
+        )
+        await store.commit_turn(record, new_memory(f"비밀 {secret} {round_}", secret, seed=n))
+    await store.commit_turn(turn(ALICE, prompt=" ".join([SECRETS[1]] * 600), chat=ROOM), None)  # ~10 KB
+    for n, words in enumerate(BOBS_WORDS):
+        await store.commit_turn(turn(BOB, prompt=words, summary=f"{words} 요약"), new_memory(f"말 {round_} {n}", words))
+
+
+def secrets_in(stored: bytes) -> list[str]:
+    return [secret for secret in SECRETS if secret.encode() in stored]
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["store-open", "store-closed"])
+async def test_forgotten_text_is_gone_from_the_files_bytes(tmp_path: Path, closed: bool) -> None:
+    """Deleted rows must not linger in free space or in old log frames: `secure_delete` plus a
+    checkpoint. An open store (a running service) must be clean the moment `forget_user` returns."""
+    path = tmp_path / "ohlora.sqlite3"
+    store = await SqliteStore.open(path)
+    try:
+        await tell_secrets(store, 1)
+        checkpoint_from_outside(path)
+        await tell_secrets(store, 2)  # these only in the log
+        assert secrets_in(database_bytes(path)) == list(SECRETS), "the test must be able to see them at all"
+
+        await store.forget_user(ALICE)
+        if not closed:
+            stored = database_bytes(path)
+    finally:
+        await store.close()
+    if closed:
+        stored = database_bytes(path)
+
+    assert secrets_in(stored) == []
+    assert all(words.encode() in stored for words in BOBS_WORDS), "Bob's turns are kept"
+    async with await SqliteStore.open(path) as reopened:
+        assert len(await reopened.memories(BOB)) == 4 and await reopened.footprint(ALICE) == NOTHING
+
+
+def log_turns_directly(path: Path, count: int) -> None:
+    """Many turns at once, past the store: pruning is under test here, and a thousand commits take a second."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO turns (created_at, platform, user_key, conversation_key, prompt, final_input, answer,"
+            " timings, total_s, status) VALUES (?, 'discord', ?, ?, ?, '', '', '{\"total\": 1.0}', 1.0, 'ok')",
+            [(float(n), user, conversation(user), f"턴 {n}") for n in range(count) for user in [(ALICE, BOB)[n % 2]]],
+        )
+
+
+async def test_pruning_more_than_one_batch_prunes_completely(tmp_path: Path) -> None:
+    """Pruning works in batches of `_PRUNE_BATCH`; all of them must run, not only the first."""
+    import core.store.sqlite as sqlite_module
+
+    path = tmp_path / "ohlora.sqlite3"
+    count = sqlite_module._PRUNE_BATCH * 2 + 234
+    async with await SqliteStore.open(path) as store:
+        log_turns_directly(path, count)
+
+        assert await store.prune_turns(created_before=float("-inf"), keep_latest=100) == count - 100
+        assert [row.prompt for row in await store.recent_turns(None, 2)] == [f"턴 {count - 1}", f"턴 {count - 2}"]
+        assert await store.prune_turns(created_before=float(count - 10), keep_latest=100) == 90
+        stats = await store.stats()
+        assert (stats.turns_total, stats.users_total, stats.recent_latencies_s) == (10, 2, (1.0,) * 10)
+
+
+async def test_a_turn_committed_while_pruning_does_not_wait_for_the_whole_prune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch is its own transaction: a turn waiting for the store gets in between two batches."""
+    import core.store.sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "_PRUNE_BATCH", 10)
+    path = tmp_path / "ohlora.sqlite3"
+    async with await SqliteStore.open(path) as store:
+        log_turns_directly(path, 1000)
+        pruning = asyncio.create_task(store.prune_turns(created_before=1000.0, keep_latest=2000))
+        await asyncio.sleep(0)  # the prune holds the store for its first batch
+        await store.commit_turn(turn(BOB, prompt="새 턴", at=5000.0), new_memory("취미", "등산"))
+
+        assert not pruning.done(), "the turn waited for every batch"
+        assert await pruning == 1000
+        assert [row.prompt for row in await store.recent_turns(None, 10)] == ["새 턴"]
+
+
+async def test_pruned_turn_text_is_gone_from_the_files_bytes_while_the_store_is_open(tmp_path: Path) -> None:
+    """Retention deletes what users said too: like a forget, a prune must not leave the text readable in
+    the main file until some later checkpoint, which on a quiet bot may be days away."""
+    path = tmp_path / "ohlora.sqlite3"
+    async with await SqliteStore.open(path) as store:
+        for n in range(50):
+            await store.commit_turn(turn(prompt=f"{SECRETS[1]} {n:03d}", at=float(n)), None)
+        checkpoint_from_outside(path)  # weeks later: the old turns live in the main file
+        await store.commit_turn(turn(prompt=BOBS_WORDS[1], at=1000.0), None)
+        assert secrets_in(database_bytes(path)) == [SECRETS[1]]
+
+        assert await store.prune_turns(created_before=100.0, keep_latest=1000) == 50
+
+        stored = database_bytes(path)
+    assert secrets_in(stored) == []
+    assert BOBS_WORDS[1].encode() in stored

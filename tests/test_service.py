@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
@@ -30,7 +31,7 @@ from bot.commands import Commands
 from bot.inbox import Inbox
 from bot.service import MissingTokens, serve
 from core.config import Settings
-from core.store import SqliteStore
+from core.store import SqliteStore, TurnRecord
 from tests.conftest import REPO_ROOT
 from tests.fake_telegram_api import FakeBotApi, user
 from tests.fakes import FakeGenerator, Harness, make_harness
@@ -127,6 +128,36 @@ async def test_serve_answers_telegram_and_stops_on_the_event(service: Service) -
         assert (await store.stats()).turns_total == 1
     finally:
         await store.close()
+
+
+async def test_serve_prunes_the_turn_log_past_its_retention(service: Service) -> None:
+    """What the turn log keeps is bounded while the service runs, not only when someone remembers."""
+    store = service.harness.store
+    now = time.time()
+    for days_old in (40, 35, 1):
+        turn = TurnRecord(
+            platform="telegram",
+            user_key="telegram:1001",
+            conversation_key="telegram:1001:1001",
+            prompt=f"{days_old}일 전 이야기",
+            final_input="",
+            answer="",
+            status="ok",
+            used_memory=None,
+            expression=None,
+            scores=None,
+            summary=None,
+            timings={"total": 1.0},
+            created_at=now - days_old * 24 * 3600,
+        )
+        await store.commit_turn(turn, None)
+    service.run(telegram_settings(service.api, turn_log_days=30))
+    await service.polling()
+    deadline = time.monotonic() + 10
+    while len(await store.recent_turns(None, 10)) > 1:
+        assert time.monotonic() < deadline, "the old turns were not pruned"
+        await asyncio.sleep(0.01)
+    assert [row.prompt for row in await store.recent_turns(None, 10)] == ["1일 전 이야기"]
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])

@@ -42,7 +42,7 @@ from bot.telegram_rules import (
 )
 from core.engine import ERROR_TEXT
 from core.safety import NOTICES, InputProblem
-from core.store import chat_scope
+from core.store import Footprint, chat_scope
 from core.types import FaceRequest, RenderedFace, Task
 from tests.fake_telegram_api import PNG_SIGNATURE, FakeBotApi, Json, group_chat, user
 from tests.fakes import END, FakeGenerator, FakeRenderer, Harness, make_harness
@@ -364,9 +364,11 @@ async def test_forget_deletes_only_after_the_owner_confirms(bot: RunningBot) -> 
     await bot.say(ALICE, "/forget")
     question = bot.api.sent(1001)[-1]
     await bot.press(ALICE, question, FORGET_CONFIRM)
-    assert bot.api.calls("editMessageText")[-1].params["text"] == "기억 1개를 지웠어. 🧹"
+    done = "너에 대해 저장한 것을 모두 지웠어. 🧹\n• 기억 1개, 대화 요약 1개, 대화 기록 1개, 마지막 표정"
+    assert bot.api.calls("editMessageText")[-1].params["text"] == done
     assert await store.memories("telegram:1001") == []
-    assert bot.api.stored_message(1001, question.result["message_id"])["text"] == "기억 1개를 지웠어. 🧹"
+    assert await store.footprint("telegram:1001") == Footprint(memories=0, summaries=0, turns=0, expression=False)
+    assert bot.api.stored_message(1001, question.result["message_id"])["text"] == done
 
     await bot.press(ALICE, question, FORGET_CONFIRM)
     assert bot.api.calls("answerCallbackQuery")[-1].params["text"] == FORGET_EXPIRED_TEXT
@@ -476,7 +478,7 @@ async def test_unknown_commands_get_a_hint_only_when_meant_for_us(bot: RunningBo
 async def test_the_command_menus_are_registered_at_start(bot: RunningBot) -> None:
     menus = {call.params.get("scope"): call.json("commands") for call in bot.api.calls("setMyCommands")}
     public = [command["command"] for command in menus[None]]
-    assert public == ["start", "help", "memory", "forget", "reset", "face"]
+    assert public == ["start", "help", "memory", "forget", "mydata", "reset", "face"]
     (admin_scope,) = [scope for scope in menus if scope is not None]
     assert json.loads(admin_scope) == {"type": "chat", "chat_id": 777}
     assert [command["command"] for command in menus[admin_scope]] == [
@@ -486,6 +488,7 @@ async def test_the_command_menus_are_registered_at_start(bot: RunningBot) -> Non
         "block",
         "unblock",
         "memoryof",
+        "forgetof",
     ]
 
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from bot.alerts import AdminAlerts
-from bot.commands import BLOCKED_TEXT, TEXT_ONLY_TEXT
+from bot.commands import BLOCKED_TEXT, NOT_ADMIN_TEXT, PRIVATE_ONLY_TEXT, TEXT_ONLY_TEXT
 from bot.inbox import RESTARTED_TEXT, InboxPolicy
 from bot.telegram_polling import PollingOptions
 from bot.telegram_rules import SENT_PRIVATELY_TEXT, UNKNOWN_BUTTON_TEXT
 from core.engine import ERROR_TEXT, RATE_LIMIT_TEXT, STORE_FAILED_ALARM, EngineOptions
-from core.store import InboxEvent, InMemoryStore, NewMemory, TurnRecord, chat_scope
+from core.store import Footprint, InboxEvent, InMemoryStore, NewMemory, TurnRecord, chat_scope
 from core.types import Reply, ReplyKind, Task
 from tests.fake_telegram_api import (
     PNG_SIGNATURE,
@@ -323,3 +323,40 @@ async def test_face_is_metered_like_a_message(start_bot: StartBot) -> None:
     assert bot.texts(1001)[-1] == RATE_LIMIT_TEXT
     assert len(bot.harness.renderer.requests) == 2
     assert bot.api.sent(1001)[0].files["photo"].data.startswith(PNG_SIGNATURE)
+
+
+# --------------------------------------------------------------------------------------------
+# Your data
+
+
+async def test_mydata_sends_a_json_file_of_only_your_data_in_a_private_chat(start_bot: StartBot) -> None:
+    bot = await start_bot()
+    group = group_chat()
+    await bot.say(ALICE, "@ohlora_test_bot 나는 떡볶이 좋아해", chat=group)
+    await bot.say(BOB, "@ohlora_test_bot 밥의 비밀이야", chat=group)
+    await bot.say(ALICE, "/mydata", chat=group)
+    assert bot.texts(group["id"])[-1] == PRIVATE_ONLY_TEXT, "a group would see the file"
+
+    await bot.say(ALICE, "/mydata")
+    (document,) = [call for call in bot.api.sent(1001) if call.method == "sendDocument"]
+    upload = document.files["document"]
+    assert upload.filename.endswith(".json")
+    data = json.loads(upload.data)
+    assert data["user"] == "telegram:1001"
+    assert [turn["message"] for turn in data["turns"]] == ["나는 떡볶이 좋아해"]
+    assert [memory["text"] for memory in data["memories"]] == ["[좋아하는 음식: 떡볶이]"]
+    assert "밥의 비밀" not in upload.data.decode()
+
+
+async def test_an_admin_forgets_a_user_and_the_answer_stays_private(start_bot: StartBot) -> None:
+    bot = await start_bot()
+    await bot.say(ALICE, "나는 떡볶이 좋아해")
+    group = group_chat()
+    await bot.say(BOB, "/forgetof 1001", chat=group)
+    assert bot.texts(group["id"])[-1] == NOT_ADMIN_TEXT
+    assert await bot.harness.store.memories("telegram:1001")
+
+    await bot.say(ADMIN, "/forgetof 1001", chat=group)
+    assert bot.texts(group["id"])[-1] == SENT_PRIVATELY_TEXT
+    assert (bot.texts(777)[-1] or "").startswith("telegram:1001: 저장된 것을 모두 지웠어요.")
+    assert await bot.harness.store.footprint("telegram:1001") == Footprint(0, 0, 0, False)

@@ -12,6 +12,7 @@ from core.store.schema import MIGRATIONS, SCHEMA_VERSION, Migration, migrate, sc
 from core.store.sqlite import SqliteStore
 from core.store.values import (
     EventState,
+    Footprint,
     InboxEvent,
     NewMemory,
     PendingEvent,
@@ -22,6 +23,7 @@ from core.store.values import (
     StoreUnavailable,
     TurnRecord,
     TurnRow,
+    UserData,
     allowed_channels_scope,
     chat_scope,
     normalize,
@@ -31,6 +33,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "EventState",
+    "Footprint",
     "InMemoryStore",
     "InboxEvent",
     "Migration",
@@ -45,6 +48,7 @@ __all__ = [
     "StoredMemory",
     "TurnRecord",
     "TurnRow",
+    "UserData",
     "allowed_channels_scope",
     "chat_scope",
     "migrate",

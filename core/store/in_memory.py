@@ -11,6 +11,7 @@ from types import TracebackType
 from core.store.typed_settings import TypedSettings
 from core.store.values import (
     EventState,
+    Footprint,
     InboxEvent,
     NewMemory,
     PendingEvent,
@@ -18,10 +19,12 @@ from core.store.values import (
     StoreStats,
     TurnRecord,
     TurnRow,
+    UserData,
     allowed_channels_scope,
     as_embedding,
     chat_scope,
     conversation_prefix,
+    forgotten_pseudonym,
     normalize,
 )
 from core.types import ExpressionScores, Reply
@@ -137,14 +140,67 @@ class InMemoryStore(TypedSettings):
             del self._summaries[conversation]
         return len(doomed)
 
-    async def forget_user(self, user_key: str) -> None:
+    async def forget_user(self, user_key: str) -> Footprint:
+        gone = await self.footprint(user_key)
         self._memories.pop(user_key, None)
         await self.clear_summaries(user_key)
         self._scores.pop(user_key, None)
-        self._turns = [row for row in self._turns if row.user_key != user_key]
+        pseudonym = forgotten_pseudonym()
+        self._turns = [
+            dataclasses.replace(
+                row,
+                user_key=pseudonym,
+                conversation_key=pseudonym,
+                prompt="",
+                final_input="",
+                answer="",
+                used_memory=None,
+                expression=None,
+            )
+            if row.user_key == user_key
+            else row
+            for row in self._turns
+        ]
         for key, row in self._inbox.items():
             if row.event.user_key == user_key:
                 self._inbox[key] = _InboxRow.finished(row)
+        return gone
+
+    async def footprint(self, user_key: str) -> Footprint:
+        return Footprint(
+            memories=len(self._memories.get(user_key, ())),
+            summaries=sum(stored.user_key == user_key for stored in self._summaries.values()),
+            turns=sum(row.user_key == user_key for row in self._turns),
+            expression=user_key in self._scores,
+        )
+
+    async def user_data(self, user_key: str) -> UserData:
+        named = {
+            scope: {key: value for key, value in values.items() if user_key in (scope, key)}
+            for scope, values in self._settings.items()
+        }
+        return UserData(
+            user_key=user_key,
+            memories=tuple(self._memories.get(user_key, ())),
+            summaries={
+                key: stored.text for key, stored in sorted(self._summaries.items()) if stored.user_key == user_key
+            },
+            last_scores=self._scores.get(user_key),
+            turns=tuple(row for row in self._turns if row.user_key == user_key),
+            settings={scope: values for scope, values in sorted(named.items()) if values},
+            pending_messages=tuple(
+                row.event.payload
+                for row in sorted(self._inbox.values(), key=lambda row: row.event.received_at)
+                if row.event.user_key == user_key and row.state is not EventState.DONE
+            ),
+        )
+
+    async def prune_turns(self, created_before: float, keep_latest: int) -> int:
+        newest = {row.id for row in self._turns[-max(keep_latest, 1) :]}
+        kept = [row for row in self._turns if row.created_at >= created_before and row.id in newest]
+        pruned = len(self._turns) - len(kept)
+        self._turns = kept
+        return pruned
 
     async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
         old_prefix, new_prefix = conversation_prefix(platform, old_chat_id), conversation_prefix(platform, new_chat_id)

@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from core.store.values import InboxEvent, NewMemory, PendingEvent, StoredMemory, StoreStats, TurnRecord, TurnRow
+from core.store.values import (
+    Footprint,
+    InboxEvent,
+    NewMemory,
+    PendingEvent,
+    StoredMemory,
+    StoreStats,
+    TurnRecord,
+    TurnRow,
+    UserData,
+)
 from core.types import ExpressionScores, Reply
 
 
@@ -34,12 +44,24 @@ class Store(Protocol):
 
     async def clear_summaries(self, user_key: str, conversation_key: str | None = None) -> int: ...
 
-    async def forget_user(self, user_key: str) -> None:
-        """Delete everything the user left: memories, summaries, expression, logged turns, inbox texts.
+    async def forget_user(self, user_key: str) -> Footprint:
+        """Delete everything the user left and return what went: memories, summaries of every
+        conversation, last expression, inbox texts, and the texts of their logged turns.
 
-        Users own their data, so their turns go too. A block is a moderation decision about the
-        user rather than the user's data, and stays.
+        Users own their data, so their words go. A logged turn keeps only its status and timings,
+        under a pseudonym no one can trace back, so the service's statistics still add up. A
+        block is a moderation decision about the user rather than the user's data, and stays.
+        Deleted text is overwritten, in the file and its write-ahead log.
         """
+        ...
+
+    async def footprint(self, user_key: str) -> Footprint: ...
+
+    async def user_data(self, user_key: str) -> UserData: ...
+
+    async def prune_turns(self, created_before: float, keep_latest: int) -> int:
+        """Delete logged turns older than `created_before`, and all but the `keep_latest` newest;
+        return how many went. Works in small transactions, so turns are never kept waiting long."""
         ...
 
     async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:

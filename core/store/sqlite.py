@@ -22,6 +22,7 @@ from core.store.schema import migrate, transaction
 from core.store.typed_settings import TypedSettings
 from core.store.values import (
     EventState,
+    Footprint,
     InboxEvent,
     NewMemory,
     PendingEvent,
@@ -31,10 +32,12 @@ from core.store.values import (
     StoreUnavailable,
     TurnRecord,
     TurnRow,
+    UserData,
     allowed_channels_scope,
     as_embedding,
     chat_scope,
     conversation_prefix,
+    forgotten_pseudonym,
     normalize,
 )
 from core.types import Expression, ExpressionScores, RenderedFace, Reply, ReplyKind
@@ -43,11 +46,30 @@ _EMBEDDING_DTYPE = np.dtype("<f4")
 """Little-endian float32 on disk, so a database file moves between machines unchanged."""
 
 
+_PRUNE_BATCH = 500
+"""Turns deleted per transaction when the log is pruned: each batch holds the write lock briefly."""
+
 _FINISHED = (
     "state = 'done', payload = NULL, reply_text = NULL, reply_kind = NULL,"
     " image = NULL, image_mime = NULL, image_face = NULL"
 )
 """What finishing an event sets: only its id stays, so nothing the user wrote outlives the delivery."""
+
+
+async def _footprint(conn: aiosqlite.Connection, user_key: str) -> Footprint:
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT (SELECT count(*) FROM memories WHERE user_key = :key) AS memories,"
+            " (SELECT count(*) FROM summaries WHERE user_key = :key) AS summaries,"
+            " (SELECT count(*) FROM turns WHERE user_key = :key) AS turns,"
+            " (SELECT count(*) FROM expressions WHERE user_key = :key) AS expressions",
+            {"key": user_key},
+        )
+    )
+    row = rows[0]
+    return Footprint(
+        memories=row["memories"], summaries=row["summaries"], turns=row["turns"], expression=bool(row["expressions"])
+    )
 
 
 async def _answer_event(conn: aiosqlite.Connection, platform: str, event_id: str, reply: Reply) -> None:
@@ -130,6 +152,8 @@ class SqliteStore(TypedSettings):
             conn.row_factory = sqlite3.Row
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             await conn.execute("PRAGMA foreign_keys = ON")
+            # Deleted text is overwritten with zeros, not left in free pages for anyone to read.
+            await conn.execute("PRAGMA secure_delete = ON")
             await migrate(conn)
             rows = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
             if rows[0][0] != "wal":
@@ -319,11 +343,72 @@ class SqliteStore(TypedSettings):
                 )
             return cursor.rowcount
 
-    async def forget_user(self, user_key: str) -> None:
+    async def forget_user(self, user_key: str) -> Footprint:
         async with self._write() as conn:
-            for table in ("memories", "summaries", "expressions", "turns"):
+            gone = await _footprint(conn, user_key)
+            for table in ("memories", "summaries", "expressions"):
                 await conn.execute(f"DELETE FROM {table} WHERE user_key = ?", (user_key,))
+            pseudonym = forgotten_pseudonym()
+            await conn.execute(
+                "UPDATE turns SET user_key = ?, conversation_key = ?, prompt = '', final_input = '', answer = '',"
+                " expression = NULL, used_memory = NULL WHERE user_key = ?",
+                (pseudonym, pseudonym, user_key),
+            )
             await conn.execute(f"UPDATE inbox SET {_FINISHED} WHERE user_key = ?", (user_key,))
+        await self._scrub_log()
+        return gone
+
+    async def _scrub_log(self) -> None:
+        """Copy the write-ahead log into the file and empty it: with `secure_delete`, no page of
+        it keeps deleted text."""
+        async with self._lock:
+            await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    async def footprint(self, user_key: str) -> Footprint:
+        async with self._lock:
+            return await _footprint(self._conn, user_key)
+
+    async def user_data(self, user_key: str) -> UserData:
+        summaries = await self._fetch(
+            "SELECT conversation_key, text FROM summaries WHERE user_key = ? ORDER BY conversation_key", (user_key,)
+        )
+        turns = await self._fetch("SELECT * FROM turns WHERE user_key = ? ORDER BY id", (user_key,))
+        settings = await self._fetch(
+            "SELECT scope, key, value FROM settings WHERE scope = ? OR key = ? ORDER BY scope, key",
+            (user_key, user_key),
+        )
+        pending = await self._fetch(
+            "SELECT payload FROM inbox WHERE user_key = ? AND payload IS NOT NULL ORDER BY received_at", (user_key,)
+        )
+        named: dict[str, dict[str, str]] = {}
+        for row in settings:
+            named.setdefault(row["scope"], {})[row["key"]] = row["value"]
+        return UserData(
+            user_key=user_key,
+            memories=tuple(await self.memories(user_key)),
+            summaries={row["conversation_key"]: row["text"] for row in summaries},
+            last_scores=await self.last_scores(user_key),
+            turns=tuple(_turn_row(row) for row in turns),
+            settings=named,
+            pending_messages=tuple(row["payload"] for row in pending),
+        )
+
+    async def prune_turns(self, created_before: float, keep_latest: int) -> int:
+        pruned = 0
+        while True:
+            async with self._write() as conn:
+                cursor = await conn.execute(
+                    "DELETE FROM turns WHERE id IN (SELECT id FROM turns WHERE created_at < ?"
+                    " OR id < (SELECT min(id) FROM (SELECT id FROM turns ORDER BY id DESC LIMIT ?))"
+                    " ORDER BY id LIMIT ?)",
+                    (created_before, max(keep_latest, 1), _PRUNE_BATCH),
+                )
+            pruned += cursor.rowcount
+            if cursor.rowcount < _PRUNE_BATCH:
+                break
+        if pruned:
+            await self._scrub_log()  # pruned text must not stay readable in the file until a later checkpoint
+        return pruned
 
     async def move_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
         old_prefix, new_prefix = conversation_prefix(platform, old_chat_id), conversation_prefix(platform, new_chat_id)
@@ -451,21 +536,22 @@ class SqliteStore(TypedSettings):
                 "SELECT * FROM turns WHERE user_key = ? ORDER BY id DESC LIMIT ?",
                 (user_key, max(limit, 0)),
             )
-        return [
-            TurnRow(
-                id=row["id"],
-                created_at=row["created_at"],
-                platform=row["platform"],
-                user_key=row["user_key"],
-                conversation_key=row["conversation_key"],
-                prompt=row["prompt"],
-                final_input=row["final_input"],
-                answer=row["answer"],
-                status=row["status"],
-                used_memory=row["used_memory"],
-                expression=_decode_expression(row["expression"]),
-                timings=json.loads(row["timings"]),
-                total_s=row["total_s"],
-            )
-            for row in rows
-        ]
+        return [_turn_row(row) for row in rows]
+
+
+def _turn_row(row: sqlite3.Row) -> TurnRow:
+    return TurnRow(
+        id=row["id"],
+        created_at=row["created_at"],
+        platform=row["platform"],
+        user_key=row["user_key"],
+        conversation_key=row["conversation_key"],
+        prompt=row["prompt"],
+        final_input=row["final_input"],
+        answer=row["answer"],
+        status=row["status"],
+        used_memory=row["used_memory"],
+        expression=_decode_expression(row["expression"]),
+        timings=json.loads(row["timings"]),
+        total_s=row["total_s"],
+    )

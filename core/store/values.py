@@ -7,6 +7,7 @@ user's memories and summary can never leak into another's prompt, even in a shar
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -113,6 +114,37 @@ class TurnRow:
 
 
 @dataclass(frozen=True)
+class Footprint:
+    """How much the store holds about one user: what `/forget all` will delete, or did."""
+
+    memories: int
+    summaries: int
+    turns: int
+    expression: bool
+
+    @property
+    def empty(self) -> bool:
+        return not (self.memories or self.summaries or self.turns or self.expression)
+
+
+@dataclass(frozen=True)
+class UserData:
+    """Everything stored about one user, for `/mydata`."""
+
+    user_key: str
+    memories: tuple[StoredMemory, ...]
+    summaries: Mapping[str, str]
+    """Conversation key → that conversation's running summary."""
+    last_scores: ExpressionScores | None
+    turns: tuple[TurnRow, ...]
+    """Oldest first."""
+    settings: Mapping[str, Mapping[str, str]]
+    """Settings that name the user (a block, the block notice), by scope."""
+    pending_messages: tuple[str, ...]
+    """Texts of messages received and not yet answered (the inbox), as the platform sent them."""
+
+
+@dataclass(frozen=True)
 class StoreStats:
     turns_total: int
     users_total: int
@@ -179,6 +211,11 @@ BLOCKED_SCOPE = "blocked"
 """Settings scope whose keys are blocked user keys."""
 
 FACE_KEY = "face"
+
+
+def forgotten_pseudonym() -> str:
+    """Who a forgotten user's logged turns belong to from then on: nobody that can be named."""
+    return f"forgotten:{secrets.token_hex(8)}"
 
 
 def chat_scope(platform: str, chat_id: str) -> str:
